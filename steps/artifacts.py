@@ -1,0 +1,22 @@
+"""Artifact paths that more than one step reads or writes, defined once."""
+
+# download_data: the arrays and their manifest, under this artifact folder.
+DATA_DIR = "data"
+MANIFEST = "manifest.json"
+ARRAY_NAMES = ("train_x", "train_y", "test_x", "test_y")
+
+# Plots every step writes go under this folder of its run.
+PLOTS_DIR = "plots"
+
+# train: the trained network.
+WEIGHTS_DIR = "weights"
+STATE_DICT = "state_dict.pt"
+MODEL_CONFIG = "model_config.json"
+SUMMARY = "model_summary.txt"
+PYFUNC_MODEL = "model"
+
+# find_lr: the metric that train reads when max_lr is not given.
+SUGGESTED_LR_METRIC = "suggested_lr"
+
+# evaluate: the metric main compares candidates on.
+TEST_ACCURACY_METRIC = "test_accuracy"

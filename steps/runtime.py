@@ -1,0 +1,58 @@
+"""What every step does at its click edge: logging, a fast check that the tracking store
+answers, the MLflow run, and one-line errors for problems the user can fix."""
+
+import logging
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import click
+import mlflow
+
+from steps.errors import StepError
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # MLflow and its HTTP stack are chatty at INFO; their warnings still show.
+    for name in ("mlflow", "urllib3", "alembic", "matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def check_tracking_store(timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not after an hour of training, when an HTTP tracking server is down.
+
+    Local stores (a SQLite file, a folder) need no check: MLflow creates them on first use.
+    """
+    uri = mlflow.get_tracking_uri()
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as reply:
+            reply.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StepError(f"MLflow tracking server {uri} is unreachable ({reason}); "
+                        "start it, or unset MLFLOW_TRACKING_URI to use the local store") from None
+
+
+@contextmanager
+def step_command() -> Iterator[mlflow.ActiveRun]:
+    """Run the body inside an MLflow run (the one `mlflow run` created, when there is one).
+
+    A StepError ends the run FAILED and leaves the process with its message on one line."""
+    setup_logging()
+    try:
+        check_tracking_store()
+        with mlflow.start_run() as run:
+            log.info("MLflow run %s (tracking store %s)", run.info.run_id, mlflow.get_tracking_uri())
+            yield run
+    except StepError as exc:
+        raise click.ClickException(str(exc)) from None
