@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.parse
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,8 +108,10 @@ def _read_members(source: Path) -> dict[str, bytes]:
             if missing:
                 raise DataError(f"{source}: archive lacks {', '.join(missing)}")
             return {n: tar.extractfile(members[n]).read() for n in wanted}
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        raise DataError(f"{source}: not a readable CIFAR-10 tar archive ({type(exc).__name__}: {exc})") from None
+    except tarfile.ReadError:
+        raise DataError(f"{source}: not a tar archive (or not a complete one)") from None
+    except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:
+        raise DataError(f"{source}: unreadable archive, probably truncated ({type(exc).__name__}: {exc})") from None
 
 
 def read_cifar(source: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
