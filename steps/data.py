@@ -135,24 +135,28 @@ def file_md5(path: Path) -> str:
 def fetch_official(cache_dir: Path, url: str = OFFICIAL_URL, md5: str = OFFICIAL_MD5) -> Path:
     """The official archive, downloaded once into cache_dir and MD5-verified before any use.
 
-    torchvision does the download and the check; a cached copy that fails the check (a download
-    cut short) is fetched again.
+    torchvision does the download into a temporary name; only a file that passes the MD5 check
+    is renamed into place, so a download cut short is never mistaken for the archive.
     """
     from torchvision.datasets.utils import check_integrity, download_url
 
     archive = cache_dir / ARCHIVE_NAME
     if check_integrity(str(archive), md5):
         return archive
+    partial = f".{ARCHIVE_NAME}.{os.getpid()}.part"
     try:
-        download_url(url, str(cache_dir), ARCHIVE_NAME, md5)
+        download_url(url, str(cache_dir), partial)
     except (urllib.error.URLError, OSError) as exc:
+        (cache_dir / partial).unlink(missing_ok=True)
         reason = getattr(exc, "reason", exc)
         raise DataError(
             f"cannot download CIFAR-10 from {url} ({reason}); without network access, "
             f"pass a local copy with -P source=/path/to/{ARCHIVE_NAME} (or an extracted {BATCH_FOLDER} folder)"
         ) from None
-    if not check_integrity(str(archive), md5):
-        raise DataError(f"{archive}: MD5 does not match the official {md5}; refusing to unpickle it")
+    if not check_integrity(str(cache_dir / partial), md5):
+        (cache_dir / partial).unlink(missing_ok=True)
+        raise DataError(f"download from {url}: MD5 does not match the official {md5}; refusing to unpickle it")
+    os.replace(cache_dir / partial, archive)
     return archive
 
 
