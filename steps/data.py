@@ -50,6 +50,7 @@ class CifarData:
     std: tuple[float, float, float]
     classes: tuple[str, ...]
     digest: str  # identifies the exact arrays: a hash over their SHA-256 sums
+    test_digest: str  # the same for the test arrays alone
     source: str  # where they came from, as given to download_data
 
 
@@ -254,6 +255,8 @@ def write_data(out_dir: Path, train_x, train_y, test_x, test_y, source: str) -> 
             "sizes": {"train": int(len(train_y)), "test": int(len(test_y))},
             "sha256": sums,
             "digest": hashlib.sha256("".join(sums[n] for n in ARRAY_NAMES).encode()).hexdigest()[:16],
+            # The test images alone: models are compared only on the same test set.
+            "test_digest": hashlib.sha256((sums["test_x"] + sums["test_y"]).encode()).hexdigest()[:16],
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         os.replace(tmp, out_dir)
@@ -310,5 +313,6 @@ def load_data(uri: str) -> CifarData:
         std=tuple(manifest["std"]),
         classes=tuple(manifest["classes"]),
         digest=manifest["digest"],
+        test_digest=manifest["test_digest"],
         source=manifest["source"],
     )

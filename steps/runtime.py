@@ -16,6 +16,8 @@ from steps.errors import StepError
 
 log = logging.getLogger(__name__)
 
+ERROR_TAG = "error"  # a failed step's one-line reason, read by the main driver
+
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -53,6 +55,13 @@ def step_command() -> Iterator[mlflow.ActiveRun]:
         check_tracking_store()
         with mlflow.start_run() as run:
             log.info("MLflow run %s (tracking store %s)", run.info.run_id, mlflow.get_tracking_uri())
-            yield run
+            try:
+                yield run
+            except Exception as exc:
+                # The message, as a tag, is what the main driver reports for a failed step.
+                first_line = (str(exc).splitlines() or [""])[0]
+                message = first_line if isinstance(exc, StepError) else f"{type(exc).__name__}: {first_line}"
+                mlflow.set_tag(ERROR_TAG, message[:5000])
+                raise
     except StepError as exc:
         raise click.ClickException(str(exc)) from None

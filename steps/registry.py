@@ -1,0 +1,118 @@
+"""The Model Registry side: register a candidate, decide on `champion`, promote and roll back.
+
+Aliases and version tags only; registry stages are deprecated in MLflow 3. `challenger` marks
+the newest version the pipeline registered; `champion` is what serving should use, and moves
+only when a candidate beats it on the same test images, or by hand with `promote`.
+"""
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from steps.errors import StepError
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    model: str  # architecture name
+    test_accuracy: float
+    train_run_id: str
+    eval_run_id: str
+
+
+def version_or_none(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def served_weights_dir(model_uri: str, dst: Path) -> Path:
+    """The weights folder inside a logged pyfunc model (its artifact `weights`)."""
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    found = [p.parent for p in root.rglob("model_config.json")]
+    if len(found) != 1:
+        raise StepError(f"{model_uri}: expected one weights folder in the model, found {len(found)}")
+    return found[0]
+
+
+def accuracy_on(model_uri: str, test_x: np.ndarray, test_y: np.ndarray) -> float:
+    """Top-1 accuracy of a registered model on these images, through the shared forward path."""
+    from cifar_models.inference import load_network, predict_logits  # torch: only when needed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, spec = load_network(served_weights_dir(model_uri, Path(tmp)))
+        logits = predict_logits(model, test_x, spec.mean, spec.std)
+    return float((logits.argmax(1).numpy() == test_y).mean())
+
+
+def champion_accuracy(client: MlflowClient, name: str, champion, test_digest: str, test_x, test_y) -> float:
+    """The champion's accuracy on the current test set: its recorded figure when it was measured
+    on the same test images, else measured now."""
+    if champion.tags.get("test_digest") == test_digest and "test_accuracy" in champion.tags:
+        return float(champion.tags["test_accuracy"])
+    log.info("champion v%s was evaluated on other test data; evaluating it on this run's test set", champion.version)
+    return accuracy_on(f"models:/{name}/{champion.version}", test_x, test_y)
+
+
+def decide_champion(client: MlflowClient, name: str, version, accuracy: float, test_digest: str,
+                    test_x: np.ndarray, test_y: np.ndarray) -> bool:
+    """Move `champion` to `version` if it beats the current champion on this test set (or there is
+    none). Returns whether it moved; the decision and both numbers go to the log and the tags."""
+    champion = version_or_none(client, name, CHAMPION)
+    if champion is None:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+        log.info("champion: none yet -> v%s (test accuracy %.4f)", version.version, accuracy)
+        return True
+    best = champion_accuracy(client, name, champion, test_digest, test_x, test_y)
+    moved = accuracy > best
+    client.set_model_version_tag(name, version.version, "champion_decision",
+                                 f"{'promoted' if moved else 'kept'}: {accuracy:.4f} vs champion v{champion.version} {best:.4f}")
+    if moved:
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+        log.info("champion: v%s (%.4f) -> v%s (%.4f), better on the same test data",
+                 champion.version, best, version.version, accuracy)
+    else:
+        log.info("champion stays v%s (%.4f); v%s (%.4f) is not better on the same test data, it stays %s",
+                 champion.version, best, version.version, accuracy, CHALLENGER)
+    return moved
+
+
+def promote(name: str, version: int | str, client: MlflowClient | None = None) -> tuple[str | None, str]:
+    """Point `champion` at `version` (forward, or back for a rollback). Refuses a version that
+    does not exist or whose runs did not finish. Returns (old version or None, new version)."""
+    client = client or MlflowClient()
+    version = str(version)
+    try:
+        target = client.get_model_version(name, version)
+    except MlflowException:
+        try:
+            known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        except MlflowException:
+            known = []
+        if not known:
+            raise StepError(f"registered model {name!r} has no version {version} (it has no versions)") from None
+        raise StepError(f"registered model {name!r} has no version {version}; versions: "
+                        f"{', '.join(map(str, known))}") from None
+    # The run that logged the model, and the training and evaluation runs it records.
+    for run_id in filter(None, {target.run_id, target.tags.get("train_run_id"), target.tags.get("eval_run_id")}):
+        try:
+            status = client.get_run(run_id).info.status
+        except MlflowException:
+            raise StepError(f"v{version} of {name!r} comes from run {run_id}, which no longer exists") from None
+        if status != "FINISHED":
+            raise StepError(f"v{version} of {name!r} was registered from run {run_id}, which is {status}; refusing")
+    old = version_or_none(client, name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return (str(old.version) if old else None), version

@@ -1,0 +1,102 @@
+"""Promotion, rollback and the champion decision against a real SQLite-backed Model Registry."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from steps import registry
+from steps.errors import StepError
+from tests.conftest import mlflow_run_env
+
+NAME = "cifar10-classifier"
+
+
+@pytest.fixture
+def client(tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def add_version(client, status: str = "FINISHED", accuracy: float = 0.5, test_digest: str = "t1") -> str:
+    """A registered version whose source run ended with `status`."""
+    import mlflow
+
+    with mlflow.start_run() as run:
+        mlflow.log_text("weights", "weights/placeholder.txt")
+    client.set_terminated(run.info.run_id, status)
+    if not client.search_registered_models(f"name='{NAME}'"):
+        client.create_registered_model(NAME)
+    version = client.create_model_version(NAME, f"runs:/{run.info.run_id}/weights", run.info.run_id)
+    client.set_model_version_tag(NAME, version.version, "test_accuracy", str(accuracy))
+    client.set_model_version_tag(NAME, version.version, "test_digest", test_digest)
+    return str(version.version)
+
+
+def champion(client) -> str:
+    return str(client.get_model_version_by_alias(NAME, registry.CHAMPION).version)
+
+
+def test_promote_moves_forward_and_rolls_back(client):
+    v1, v2 = add_version(client), add_version(client)
+    assert registry.promote(NAME, v1, client) == (None, v1)
+    assert registry.promote(NAME, v2, client) == (v1, v2)
+    assert champion(client) == v2
+    assert registry.promote(NAME, v1, client) == (v2, v1)  # rollback
+    assert champion(client) == v1
+
+
+def test_promote_refuses_missing_version_and_failed_runs(client):
+    v1 = add_version(client)
+    failed = add_version(client, status="FAILED")
+    registry.promote(NAME, v1, client)
+    with pytest.raises(StepError, match=r"has no version 99; versions: 1, 2"):
+        registry.promote(NAME, 99, client)
+    with pytest.raises(StepError, match="FAILED; refusing"):
+        registry.promote(NAME, failed, client)
+    assert champion(client) == v1  # neither refusal changed anything
+
+
+def test_decide_champion_compares_on_the_same_test_data(client):
+    v1 = add_version(client, accuracy=0.80)
+    x, y = np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64)
+    get = lambda v: client.get_model_version(NAME, v)  # noqa: E731
+    assert registry.decide_champion(client, NAME, get(v1), 0.80, "t1", x, y) is True  # no champion yet
+    worse = add_version(client, accuracy=0.70)
+    assert registry.decide_champion(client, NAME, get(worse), 0.70, "t1", x, y) is False
+    assert champion(client) == v1
+    assert get(worse).tags["champion_decision"] == "kept: 0.7000 vs champion v1 0.8000"
+    better = add_version(client, accuracy=0.90)
+    assert registry.decide_champion(client, NAME, get(better), 0.90, "t1", x, y) is True
+    assert champion(client) == better
+
+
+def test_promote_cli_prints_the_move_and_fails_cleanly(client, tracking_uri):
+    v1, v2 = add_version(client), add_version(client)
+    registry.promote(NAME, v1, client)
+    env = mlflow_run_env(tracking_uri)
+    ok = subprocess.run([sys.executable, "-m", "steps.promote", "--version", v2], env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == f"{NAME}: champion moved from version {v1} to version {v2}"
+    bad = subprocess.run([sys.executable, "-m", "steps.promote", "--version", "7"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1] == f"Error: registered model '{NAME}' has no version 7; versions: 1, 2"
+    assert "Traceback" not in bad.stderr
+    assert champion(client) == v2
+
+
+def test_concurrent_promotes_leave_one_existing_champion(client, tracking_uri):
+    versions = [add_version(client) for _ in range(3)]
+    env = mlflow_run_env(tracking_uri)
+    procs = [subprocess.Popen([sys.executable, "-m", "steps.promote", "--version", v], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for v in versions + versions[:1]]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-500:] for _, err in results]
+    assert champion(client) in versions
+    aliased = [v for v in versions if registry.CHAMPION in client.get_model_version(NAME, v).aliases]
+    assert aliased == [champion(client)]
