@@ -37,3 +37,58 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], path: Path, title:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
+
+
+def lr_range_plot(lrs: Sequence[float], losses: Sequence[float], suggestion: float, path: Path, title: str) -> Path:
+    """Smoothed loss against learning rate on a log axis, the suggested LR marked."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    ax.plot(lrs, losses, color="tab:blue")
+    ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested {suggestion:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed training loss")
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def confusion_matrix_plot(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str) -> Path:
+    """Counts with true classes as rows and predictions as columns, each cell labelled."""
+    fig = Figure(figsize=(8, 7))
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                color="white" if count > threshold else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def train_curves_plot(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: Path, title: str) -> Path:
+    """Loss (left) and accuracy (right) against epoch. `curves` maps a metric name such as
+    train_loss or test_accuracy to its (steps, values); names ending in _loss go left."""
+    fig = Figure(figsize=(11, 4))
+    loss_ax, acc_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for name, (steps, values) in sorted(curves.items()):
+        ax = loss_ax if name.endswith("_loss") else acc_ax
+        ax.plot(steps, values, marker="o", markersize=3, label=name)
+    for ax, ylabel in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,145 @@
+"""Training-time augmentation policies, by name.
+
+Two kinds, both on uint8 images, so no float copy of a batch exists before the model's door:
+
+- albumentations policies run on the CPU, one image at a time, on (N, 32, 32, 3) NHWC numpy
+  batches as the batch iterator cuts them from the stored set;
+- the `tensor` policy runs on (N, 3, 32, 32) NCHW tensors on whatever device the batch is on,
+  batched with no per-image Python loop, for when CPU-side augmentation would starve a GPU.
+
+Randomness comes from the caller: an albumentations policy is reseeded once per epoch with a
+number drawn from the training generator, and the tensor policy draws from that generator
+directly, so a checkpoint of the generator's state replays the same augmentations on resume.
+"""
+
+from collections.abc import Callable, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+# Data statistics arrive in [0, 1] units; fills are in pixel units.
+Mean = Sequence[float]
+
+
+def pixel_mean(mean: Mean) -> tuple[int, int, int]:
+    return tuple(int(round(255 * m)) for m in mean)
+
+
+class AlbumentationsPolicy:
+    """An albumentations pipeline applied per image to NHWC uint8 numpy batches on the CPU."""
+
+    on_device = False
+
+    def __init__(self, name: str, transform: A.Compose) -> None:
+        self.name = name
+        self.transform = transform
+
+    def reseed(self, seed: int) -> None:
+        self.transform.set_random_seed(seed)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        out = np.empty_like(images)
+        for i, image in enumerate(images):
+            out[i] = self.transform(image=image)["image"]
+        return out
+
+
+class TensorPolicy:
+    """Random horizontal flip, random translation and cutout on NCHW uint8 tensors, batched.
+
+    Translation shifts each image by up to `max_shift` pixels in each direction, reflecting at
+    the borders (the index arithmetic of reflect padding followed by a random crop, done as one
+    gather, so no padded copy is made). Cutout fills one `cutout`-sized square per image with
+    the data mean; the square's centre may lie near the border, so it is sometimes clipped, as
+    in DeVries & Taylor's original.
+    """
+
+    on_device = True
+
+    def __init__(self, mean: Mean, max_shift: int = 2, cutout: int = 8) -> None:
+        self.name = "tensor"
+        self.fill = torch.tensor(pixel_mean(mean), dtype=torch.uint8).view(1, 3, 1, 1)
+        self.max_shift = max_shift
+        self.cutout = cutout
+
+    def reseed(self, seed: int) -> None:  # draws from the caller's generator instead
+        pass
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, _, h, w = images.shape
+        device = images.device
+        # Parameters are drawn on the CPU from the one checkpointed generator, then moved:
+        # a handful of numbers per image, not worth a device-side generator of their own.
+        flip = torch.rand(n, generator=generator) < 0.5
+        dy, dx = torch.randint(-self.max_shift, self.max_shift + 1, (2, n), generator=generator)
+        cy = torch.randint(0, h, (n,), generator=generator)
+        cx = torch.randint(0, w, (n,), generator=generator)
+        flip, dy, dx, cy, cx = (t.to(device) for t in (flip, dy, dx, cy, cx))
+
+        rows = _reflect(torch.arange(h, device=device)[None, :] + dy[:, None], h)  # (n, h)
+        cols = torch.arange(w, device=device)[None, :] + dx[:, None]
+        cols = torch.where(flip[:, None], (w - 1) - cols, cols)  # mirror = read columns backwards
+        cols = _reflect(cols, w)
+        batch = torch.arange(n, device=device)[:, None, None, None]
+        channel = torch.arange(3, device=device)[None, :, None, None]
+        out = images[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+        half = self.cutout // 2
+        y = torch.arange(h, device=device)[None, :, None]
+        x = torch.arange(w, device=device)[None, None, :]
+        hole = ((y >= (cy - half)[:, None, None]) & (y < (cy - half + self.cutout)[:, None, None])
+                & (x >= (cx - half)[:, None, None]) & (x < (cx - half + self.cutout)[:, None, None]))
+        return torch.where(hole[:, None], self.fill.to(device), out)
+
+
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices outside 0..size-1 mirrored back in without repeating the edge (cv2's
+    BORDER_REFLECT_101), valid for overshoots smaller than size."""
+    index = index.abs()
+    return torch.where(index > size - 1, 2 * (size - 1) - index, index)
+
+
+def _reference(mean: Mean) -> AlbumentationsPolicy:
+    # The ResNet-9 recipe: pad 4 on each side (reflected, so the crop never shows a black
+    # band the test set has no counterpart of), random 32x32 crop, mirror, one 8x8 hole
+    # filled with the mean so the normalised hole is zero.
+    return AlbumentationsPolicy("reference", A.Compose([
+        A.PadIfNeeded(40, 40, border_mode=cv2.BORDER_REFLECT_101),
+        A.RandomCrop(32, 32),
+        A.HorizontalFlip(p=0.5),
+        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(8, 8), hole_width_range=(8, 8),
+                        fill=pixel_mean(mean), p=0.5),
+    ]))
+
+
+def _separable(mean: Mean) -> AlbumentationsPolicy:
+    # The separable-net recipe: mirror, a small shift/scale/rotate (albumentations 2's Affine,
+    # which replaces ShiftScaleRotate), one 16x16 hole filled with the mean.
+    return AlbumentationsPolicy("separable", A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-15, 15),
+                 border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(16, 16), hole_width_range=(16, 16),
+                        fill=pixel_mean(mean), p=0.5),
+    ]))
+
+
+Policy = AlbumentationsPolicy | TensorPolicy | None
+
+POLICIES: dict[str, Callable[[Mean], Policy]] = {
+    "reference": _reference,
+    "separable": _separable,
+    "tensor": TensorPolicy,
+    "none": lambda mean: None,
+}
+
+
+def build_policy(name: str, mean: Mean) -> Policy:
+    """The named policy for data with this per-channel mean ([0, 1] units); None for `none`."""
+    try:
+        builder = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown augmentation {name!r}; known: {', '.join(POLICIES)}") from None
+    return builder(mean)

@@ -1,0 +1,376 @@
+"""The one training engine that find_lr, train and evaluate share.
+
+Plain functions with explicit arguments: the model, the optimizer, the data as uint8 arrays,
+the device and the precision are all passed in; nothing here reads a global or starts a run.
+Sections, top to bottom: learning-rate schedules, devices and precision, optimizers, batches,
+one epoch of training, evaluation, the LR range test, checkpoints.
+"""
+
+import copy
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifar_models.inference import predict_logits
+from cifar_models.preprocess import normalize, to_nchw
+from steps.augment import Policy
+from steps.errors import StepError
+
+
+class NonFiniteLoss(StepError):
+    """The training loss became NaN or infinite; whatever the model holds now is garbage."""
+
+
+# --- learning-rate schedules: pure functions of the optimizer step --------------------------------
+
+def _ramp(step: float, start_step: float, end_step: float, start: float, end: float) -> float:
+    """Linear interpolation from `start` at start_step to `end` at end_step."""
+    if end_step <= start_step:
+        return end
+    t = min(max((step - start_step) / (end_step - start_step), 0.0), 1.0)
+    return start + t * (end - start)
+
+
+def one_cycle_lr(step: int, total_steps: int, max_lr: float, pct_start: float,
+                 div_factor: float, final_div_factor: float) -> float:
+    """The one-cycle schedule of the reference recipe, two linear phases, no annihilation:
+
+    1. steps 0 .. pct_start*total_steps: up from max_lr/div_factor to max_lr;
+    2. from there to total_steps: down to max_lr/final_div_factor.
+
+    The reference ran 24 epochs with the peak at epoch 5, i.e. pct_start = 5/24. Note that
+    final_div_factor divides max_lr here, where torch's OneCycleLR divides the initial LR by it.
+    Step i is the LR used by the i-th optimizer step (0-based), so step total_steps, where the
+    last value is reached, is one past the last step taken.
+    """
+    peak = pct_start * total_steps
+    if step <= peak:
+        return _ramp(step, 0, peak, max_lr / div_factor, max_lr)
+    return _ramp(step, peak, total_steps, max_lr, max_lr / final_div_factor)
+
+
+def warmup_linear_lr(step: int, total_steps: int, max_lr: float, warmup_steps: int,
+                     start_factor: float = 0.0, end_factor: float = 0.0) -> float:
+    """Warm-up then linear decay, for short fast recipes:
+
+    1. steps 0 .. warmup_steps: up from start_factor*max_lr to max_lr;
+    2. warmup_steps .. total_steps: down to end_factor*max_lr.
+    """
+    if step <= warmup_steps:
+        return _ramp(step, 0, warmup_steps, start_factor * max_lr, max_lr)
+    return _ramp(step, warmup_steps, total_steps, max_lr, end_factor * max_lr)
+
+
+def lambda_scheduler(optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float]) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler that sets the LR to lr_at(step) exactly. LambdaLR multiplies each group's
+    base LR by the lambda, so the base LR is set to 1. Its state is the step count, which a
+    checkpoint stores as a plain int (the lambda itself is not saved, and need not be)."""
+    for group in optimizer.param_groups:
+        group["lr"] = 1.0
+        group.pop("initial_lr", None)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step))
+
+
+# --- device and precision --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hardware:
+    device: torch.device
+    autocast: torch.dtype | None  # dtype of the forward pass under autocast; None = float32 throughout
+    channels_last: bool  # NHWC memory layout for model and inputs (faster convs with tensor cores)
+
+
+def hardware(device: str = "auto", precision: str = "auto") -> Hardware:
+    """device auto|cpu|cuda[:n]; precision auto|bf16|fp32. auto: CUDA if present; bf16 autocast
+    and channels_last on CUDA, plain float32 on the CPU (where bf16 convs are slower, not faster)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StepError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise StepError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
+    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+    return Hardware(dev, torch.bfloat16 if bf16 else None, dev.type == "cuda")
+
+
+def prepare_model(model: nn.Module, hw: Hardware) -> nn.Module:
+    model = model.to(hw.device)
+    return model.to(memory_format=torch.channels_last) if hw.channels_last else model
+
+
+# --- optimizers ------------------------------------------------------------------------------------
+
+# SGD keeps the reference recipe's Nesterov momentum 0.9; Adam's L2 decay goes through the
+# gradient, AdamW's is decoupled (scaled by the LR, not by the adaptive denominator).
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
+                                                            weight_decay=weight_decay),
+    "adam": lambda params, lr, weight_decay: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay),
+    "adamw": lambda params, lr, weight_decay: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
+}
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    try:
+        builder = OPTIMIZERS[name]
+    except KeyError:
+        raise StepError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}") from None
+    return builder(model.parameters(), lr, weight_decay)
+
+
+# --- batches -----------------------------------------------------------------------------------------
+
+def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    """Batches per epoch. Training drops the last partial batch (a batch of a few images gives
+    BatchNorm noisy statistics and the schedule an uneven step), unless the set is smaller
+    than one batch, in which case the whole set is the one batch."""
+    if drop_last:
+        return max(1, n // batch_size)
+    return -(-n // batch_size)
+
+
+def iterate_batches(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, batch_size: int, *,
+                    generator: torch.Generator | None = None, drop_last: bool = False,
+                    augment: Policy = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(N, 3, H, W) uint8 image and int64 label batches from NHWC uint8 images.
+
+    x is the stored set, numpy on the CPU or a tensor already on the device; it stays uint8
+    and only each batch is copied out of it. With a generator the order is a fresh permutation
+    drawn from it (one per call, i.e. per epoch); without, the stored order. A CPU-side policy
+    is applied here, per batch; a device-side one is the caller's, after the move.
+    """
+    n = len(y)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    if augment is not None and not augment.on_device:
+        # One seed per epoch from the training generator: the augmentations replay on resume.
+        augment.reseed(int(torch.randint(0, 2**31 - 1, (), generator=generator)) if generator is not None else 0)
+    for b in range(num_batches(n, batch_size, drop_last)):
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        if isinstance(x, torch.Tensor):
+            idx = idx.to(x.device)
+            images, labels = x[idx], torch.as_tensor(y)[idx]
+        else:
+            idx = idx.numpy()
+            images, labels = x[idx], y[idx]
+            if augment is not None and not augment.on_device:
+                images = augment(images)
+        yield to_nchw(images), torch.as_tensor(labels, dtype=torch.int64)
+
+
+# --- one epoch of training ---------------------------------------------------------------------------
+
+def _model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], hw: Hardware,
+                 augment: Policy, generator: torch.Generator | None) -> torch.Tensor:
+    images = images.to(hw.device, non_blocking=True)
+    if augment is not None and augment.on_device:
+        images = augment(images, generator)
+    x = normalize(images, mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if hw.channels_last else x
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, x: torch.Tensor,
+               labels: torch.Tensor, hw: Hardware) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward, backward and optimizer step. Returns the mean loss and the number correct,
+    as device tensors, so that nothing waits for the device here."""
+    with torch.autocast(hw.device.type, dtype=hw.autocast or torch.float32, enabled=hw.autocast is not None):
+        logits = model(x)
+        loss = loss_fn(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), (logits.argmax(1) == labels).sum()
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, mean: Sequence[float],
+                    std: Sequence[float], loss_fn: nn.Module, hw: Hardware, augment: Policy = None,
+                    generator: torch.Generator | None = None, check_every: int = 20,
+                    progress=None) -> tuple[float, float]:
+    """Train on every batch once, stepping the scheduler per batch. Returns (mean loss, accuracy).
+
+    Losses and correct counts are summed on the device and read back every `check_every`
+    batches (and at the end), so the device is not stalled after every step; a NaN or inf in
+    the sum raises NonFiniteLoss, and since checkpoints are only written after an epoch that
+    ended finite, a broken model is never saved. `progress` is a tqdm bar or None.
+    """
+    model.train()
+    loss_sum = torch.zeros((), device=hw.device)
+    correct = torch.zeros((), device=hw.device, dtype=torch.int64)
+    seen = i = 0
+    for i, (images, labels) in enumerate(batches, start=1):
+        labels = labels.to(hw.device, non_blocking=True)
+        x = _model_input(images, mean, std, hw, augment, generator)
+        loss, right = train_step(model, optimizer, loss_fn, x, labels, hw)
+        scheduler.step()
+        loss_sum += loss * len(labels)
+        correct += right
+        seen += len(labels)
+        if progress is not None:
+            progress.update(1)
+        if i % check_every == 0:
+            _check_finite(loss_sum, i, scheduler)
+            if progress is not None:
+                progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+    _check_finite(loss_sum, i, scheduler)
+    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1)
+
+
+def _check_finite(loss_sum: torch.Tensor, batch: int, scheduler) -> None:
+    value = loss_sum.item()
+    if not math.isfinite(value):
+        lr = scheduler.get_last_lr()[0]
+        raise NonFiniteLoss(f"training loss became {value} by batch {batch} of this epoch (LR {lr:.3g}); "
+                            "the learning rate is probably too high: lower max_lr (or run find_lr)")
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, mean: Sequence[float], std: Sequence[float], *,
+             batch_size: int = 512, flip_tta: bool = False) -> tuple[float, float, torch.Tensor]:
+    """(mean cross-entropy, accuracy, CPU float32 logits) over uint8 NHWC images x.
+
+    The forward pass is inference.predict_logits, the one the served model uses. The loss is
+    plain cross-entropy, without the label smoothing of training, so it is comparable across
+    runs whatever their smoothing.
+    """
+    model.eval()
+    logits = predict_logits(model, x, mean, std, batch_size=batch_size, flip_tta=flip_tta)
+    labels = torch.as_tensor(y, dtype=torch.int64)
+    if len(labels) == 0:
+        return float("nan"), float("nan"), logits
+    loss = nn.functional.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    return loss, accuracy, logits
+
+
+# --- the LR range test -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RangeTest:
+    lrs: list[float]  # the LR of each iteration run
+    losses: list[float]  # the smoothed, bias-corrected loss at each
+    suggestion: float  # the LR at the steepest descent of the smoothed loss
+    diverged: bool  # stopped early because the smoothed loss exceeded diverge_factor x its best
+
+
+def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer,
+                  make_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
+                  mean: Sequence[float], std: Sequence[float], loss_fn: nn.Module, hw: Hardware,
+                  start_lr: float = 1e-7, end_lr: float = 10.0, num_iter: int = 100, beta: float = 0.98,
+                  diverge_factor: float = 4.0, augment: Policy = None,
+                  generator: torch.Generator | None = None) -> RangeTest:
+    """Leslie Smith's LR range test, as torch-lr-finder and fastai's lr_find run it.
+
+    The LR grows exponentially from start_lr to end_lr over num_iter training steps (batches
+    from make_batches(), which is called again whenever it runs out). The loss is smoothed
+    with an exponential moving average (bias-corrected, as Adam's moments are, so the first
+    values are not pulled towards zero), and the test stops once the smoothed loss exceeds
+    diverge_factor times the best so far. The suggestion is the LR where the smoothed loss
+    falls fastest per unit of log LR, skipping the noisy first 10 and last 5 points when
+    there are enough. Model and optimizer are restored afterwards from deep copies of their
+    state, so nothing learnt in the test leaks into training.
+    """
+    if not 0 < start_lr < end_lr or num_iter < 2:
+        raise StepError(f"range test needs 0 < start_lr < end_lr and num_iter >= 2, got {start_lr}, {end_lr}, {num_iter}")
+    model_state = copy.deepcopy(model.state_dict())
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    lrs: list[float] = []
+    losses: list[float] = []
+    diverged = False
+    try:
+        model.train()
+        batches = iter(make_batches())
+        avg, best = 0.0, math.inf
+        for i in range(num_iter):
+            lr = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                batches = iter(make_batches())
+                images, labels = next(batches)
+            x = _model_input(images, mean, std, hw, augment, generator)
+            loss, _ = train_step(model, optimizer, loss_fn, x, labels.to(hw.device), hw)
+            value = loss.item()  # one sync per step: fine for a test of a hundred steps
+            if not math.isfinite(value):
+                diverged = True
+                break
+            avg = beta * avg + (1 - beta) * value
+            smoothed = avg / (1 - beta ** (i + 1))
+            lrs.append(lr)
+            losses.append(smoothed)
+            best = min(best, smoothed)
+            if smoothed > diverge_factor * best:
+                diverged = True
+                break
+    finally:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+    return RangeTest(lrs, losses, steepest_descent(lrs, losses), diverged)
+
+
+def steepest_descent(lrs: Sequence[float], losses: Sequence[float], skip_start: int = 10, skip_end: int = 5) -> float:
+    """The LR at the most negative d(loss)/d(log LR)."""
+    if len(lrs) < 2:
+        raise StepError(f"the range test diverged after {len(lrs)} step(s); lower start_lr")
+    if len(lrs) > skip_start + skip_end + 2:
+        lrs, losses = lrs[skip_start:len(lrs) - skip_end], losses[skip_start:len(losses) - skip_end]
+    gradient = np.gradient(np.asarray(losses), np.log(np.asarray(lrs)))
+    return float(lrs[int(np.argmin(gradient))])
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write state to path atomically: to a temporary file in the same folder, flushed and
+    fsynced, then renamed over the old one. A crash at any point leaves either the previous
+    checkpoint or the new one, never a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # The rename is durable only once the folder's entry is on disk too.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by save_checkpoint, loaded on the CPU with weights_only=True (so it
+    holds only tensors and plain Python values, and loading it can never run code)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every random state training draws from, as tensors a weights_only load accepts."""
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(generator: torch.Generator, state: dict) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

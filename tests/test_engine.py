@@ -1,0 +1,294 @@
+"""The shared engine on synthetic data: schedules, batches, augmentation, one epoch of
+training, the LR range test, the NaN guard and atomic checkpoints. A tiny network stands in
+for the registry's models wherever the architecture does not matter, to keep this fast."""
+
+import math
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from steps import engine
+from steps.augment import POLICIES, TensorPolicy, build_policy, pixel_mean
+from steps.data import channel_stats, synthetic
+
+CPU = engine.hardware("cpu")
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    train_x, train_y, test_x, test_y = synthetic(n_train=512, n_test=256)
+    mean, std = channel_stats(train_x)
+    return train_x, train_y, test_x, test_y, mean, std
+
+
+# --- schedules -------------------------------------------------------------------------------------------
+
+def test_one_cycle_exact_at_known_steps():
+    lr = lambda step: engine.one_cycle_lr(step, 100, max_lr=1.0, pct_start=0.25, div_factor=10, final_div_factor=100)
+    assert lr(0) == pytest.approx(0.1)
+    assert lr(12.5) == pytest.approx(0.55)  # half way up: (0.1 + 1) / 2
+    assert lr(25) == pytest.approx(1.0)
+    assert lr(62.5) == pytest.approx(0.505)  # half way down: (1 + 0.01) / 2
+    assert lr(100) == pytest.approx(0.01)
+    assert max(lr(s) for s in range(101)) == lr(25)
+
+
+def test_one_cycle_reference_recipe_peaks_at_epoch_5_of_24():
+    steps_per_epoch = 98  # 50,000 images at batch 512, last partial batch dropped
+    total = 24 * steps_per_epoch
+    lr = lambda step: engine.one_cycle_lr(step, total, 0.4, 5 / 24, 25, 1e4)
+    assert lr(5 * steps_per_epoch) == pytest.approx(0.4)
+    assert lr(5 * steps_per_epoch - 1) < 0.4 and lr(5 * steps_per_epoch + 1) < 0.4
+    assert lr(0) == pytest.approx(0.4 / 25)
+    assert lr(total) == pytest.approx(0.4 / 1e4)
+
+
+def test_warmup_linear_exact_at_known_steps():
+    lr = lambda step: engine.warmup_linear_lr(step, 200, max_lr=2.0, warmup_steps=50)
+    assert [lr(s) for s in (0, 25, 50, 125, 200)] == pytest.approx([0.0, 1.0, 2.0, 1.0, 0.0])
+    lr = lambda step: engine.warmup_linear_lr(step, 200, 2.0, 50, start_factor=0.5, end_factor=0.1)
+    assert [lr(s) for s in (0, 50, 200)] == pytest.approx([1.0, 2.0, 0.2])
+
+
+def test_scheduler_follows_the_pure_function_and_resumes_from_its_state(tmp_path):
+    lr_at = lambda step: engine.one_cycle_lr(step, 20, 0.5, 0.3, 10, 50)
+    model = tiny_net()
+    optimizer = engine.build_optimizer("sgd", model, 1.0, 0.0)
+    scheduler = engine.lambda_scheduler(optimizer, lr_at)
+    seen = []
+    for _ in range(8):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([lr_at(s) for s in range(8)])
+
+    engine.save_checkpoint(tmp_path / "c.pt", {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+    state = engine.load_checkpoint(tmp_path / "c.pt")
+    optimizer2 = engine.build_optimizer("sgd", model, 1.0, 0.0)
+    scheduler2 = engine.lambda_scheduler(optimizer2, lr_at)
+    optimizer2.load_state_dict(state["optimizer"])
+    scheduler2.load_state_dict(state["scheduler"])
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(lr_at(8))
+    optimizer2.step()
+    scheduler2.step()
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(lr_at(9))
+
+
+# --- batches and augmentation -------------------------------------------------------------------------
+
+def test_batches_cover_the_set_once_stay_uint8_and_replay_from_the_seed():
+    x, y, *_ = synthetic(n_train=70, n_test=0)
+    batches = list(engine.iterate_batches(x, y, 32, generator=torch.Generator().manual_seed(1)))
+    assert [len(b[1]) for b in batches] == [32, 32, 6]
+    images, labels = batches[0]
+    assert images.dtype == torch.uint8 and images.shape == (32, 3, 32, 32) and labels.dtype == torch.int64
+    # Every image exactly once, each still with its own label.
+    flat = torch.cat([b[0] for b in batches]).permute(0, 2, 3, 1).numpy()
+    order = [int(np.flatnonzero((x == img).all(axis=(1, 2, 3)))[0]) for img in flat]
+    assert sorted(order) == list(range(70))
+    assert torch.cat([b[1] for b in batches]).tolist() == y[order].tolist()
+    again = list(engine.iterate_batches(x, y, 32, generator=torch.Generator().manual_seed(1)))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+
+    assert [len(b[1]) for b in engine.iterate_batches(x, y, 32, generator=torch.Generator(), drop_last=True)] == [32, 32]
+    assert [len(b[1]) for b in engine.iterate_batches(x[:10], y[:10], 32, drop_last=True)] == [10]
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_policies_keep_uint8_and_shape(name):
+    x, y, *_ = synthetic(n_train=16, n_test=0)
+    mean = (0.5, 0.4, 0.3)
+    policy = build_policy(name, mean)
+    generator = torch.Generator().manual_seed(0)
+    batches = list(engine.iterate_batches(x, y, 8, generator=generator, augment=policy))
+    for images, _ in batches:
+        if policy is not None and policy.on_device:
+            images = policy(images, generator)
+        assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32)
+    if policy is not None:  # an augmentation changes some images; the same seed replays it
+        first = torch.cat([b[0] for b in batches])
+        again = list(engine.iterate_batches(x, y, 8, generator=torch.Generator().manual_seed(0), augment=policy))
+        assert torch.equal(first, torch.cat([b[0] for b in again]))
+
+
+def test_unknown_policy_lists_the_known():
+    with pytest.raises(ValueError, match="known: reference, separable, tensor, none"):
+        build_policy("mixup", (0.5, 0.5, 0.5))
+
+
+def test_tensor_policy_flips_shifts_and_cuts_out_on_cpu():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(0)
+    # Flip only: every output is its input or its mirror image, and both occur.
+    flipped = TensorPolicy((0.5,) * 3, max_shift=0, cutout=0)(images, generator)
+    same = (flipped == images).flatten(1).all(1)
+    mirrored = (flipped == images.flip(-1)).flatten(1).all(1)
+    assert bool((same | mirrored).all()) and same.any() and mirrored.any()
+    # Shift only: an interior window of the output is a shifted window of the input or its mirror.
+    shifted = TensorPolicy((0.5,) * 3, max_shift=2, cutout=0)(images, generator)
+    for out, src in zip(shifted, images):
+        windows = [s[:, 2 + dy:30 + dy, 2 + dx:30 + dx] for s in (src, src.flip(-1))
+                   for dy in range(-2, 3) for dx in range(-2, 3)]
+        assert any(torch.equal(out[:, 2:30, 2:30], w) for w in windows)
+    # Cutout: on flat images (so a flip changes nothing), the changed pixels are one rectangle
+    # of at most 8x8 per image, all of the mean colour.
+    mean = (0.2, 0.5, 0.8)
+    flat = torch.full((64, 3, 32, 32), 7, dtype=torch.uint8)
+    cut = TensorPolicy(mean, max_shift=2, cutout=8)(flat, torch.Generator().manual_seed(3))
+    fill = torch.tensor(pixel_mean(mean), dtype=torch.uint8)
+    holes = (cut != 7).any(1)
+    assert torch.equal(cut.permute(0, 2, 3, 1)[holes], fill.expand(int(holes.sum()), 3))
+    sizes = holes.sum((1, 2))
+    assert int(sizes.max()) == 64 and bool((sizes <= 64).all())
+    for hole in holes:
+        rows, cols = hole.any(1).nonzero(), hole.any(0).nonzero()
+        if len(rows):
+            assert int(hole.sum()) == len(rows) * len(cols)  # a rectangle, clipped at the border
+
+
+# --- one epoch, evaluation, the NaN guard ------------------------------------------------------------------
+
+def run_epochs(model, toy, epochs: int, max_lr: float, batch_size: int = 64):
+    train_x, train_y, test_x, test_y, mean, std = toy
+    optimizer = engine.build_optimizer("sgd", model, 1.0, 5e-4)
+    steps = engine.num_batches(len(train_y), batch_size, drop_last=True)
+    scheduler = engine.lambda_scheduler(optimizer, lambda s: engine.one_cycle_lr(s, epochs * steps, max_lr, 0.25, 10, 100))
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(epochs):
+        batches = engine.iterate_batches(train_x, train_y, batch_size, generator=generator, drop_last=True)
+        losses.append(engine.train_one_epoch(model, optimizer, scheduler, batches, mean=mean, std=std,
+                                             loss_fn=nn.CrossEntropyLoss(), hw=CPU, check_every=3))
+    return losses, engine.evaluate(model, test_x, test_y, mean, std, batch_size=100)
+
+
+def test_loss_falls_on_the_learnable_toy_set(toy):
+    losses, (test_loss, test_accuracy, logits) = run_epochs(tiny_net(), toy, epochs=4, max_lr=0.2)
+    assert losses[-1][0] < 0.7 * losses[0][0]
+    assert losses[-1][1] > losses[0][1]
+    assert test_accuracy > 0.4  # chance is 0.1
+    assert logits.shape == (256, 10) and logits.dtype == torch.float32
+    assert test_loss == pytest.approx(nn.functional.cross_entropy(logits, torch.as_tensor(toy[3])).item())
+
+
+class NaNAfter(nn.Module):
+    """A network whose output turns NaN from its n-th forward pass on."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.net, self.calls, self.n = tiny_net(), 0, n
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.net(x)
+        return out * float("nan") if self.calls >= self.n else out
+
+
+def test_non_finite_loss_raises_a_clear_error(toy):
+    with pytest.raises(engine.NonFiniteLoss, match=r"training loss became nan by batch 3 .*lower max_lr"):
+        run_epochs(NaNAfter(2), toy, epochs=1, max_lr=0.1)
+    # The check also runs at the end of an epoch, whatever check_every is.
+    with pytest.raises(engine.NonFiniteLoss, match="by batch 8"):
+        run_epochs(NaNAfter(8), toy, epochs=1, max_lr=0.1)
+
+
+def test_huge_lr_fails_the_train_run_and_logs_no_weights(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
+    from steps.train import TrainConfig, train
+
+    monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    cfg = TrainConfig(epochs=1, batch_size=50, max_lr=1e6, aug="none")
+    with pytest.raises(engine.NonFiniteLoss):
+        with mlflow.start_run() as run:
+            train(cfg, str(synthetic_data_dir), device="cpu")
+    client = MlflowClient()
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
+    assert client.list_artifacts(run.info.run_id, "weights") == []
+    assert list((tmp_path / "checkpoints").glob("*/last.pt")) == []
+
+
+# --- the LR range test ---------------------------------------------------------------------------------------
+
+def test_range_test_finds_a_sensible_lr_and_restores_everything(toy):
+    train_x, train_y, _, _, mean, std = toy
+    model = tiny_net()
+    optimizer = engine.build_optimizer("sgd", model, 0.01, 5e-4)
+    run_epochs(model, toy, epochs=1, max_lr=0.05)  # trained BatchNorm statistics to restore
+    weights_before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups_before = [dict(g) for g in optimizer.state_dict()["param_groups"]]
+    generator = torch.Generator().manual_seed(0)
+
+    result = engine.lr_range_test(
+        model, optimizer, lambda: engine.iterate_batches(train_x, train_y, 32, generator=generator, drop_last=True),
+        mean=mean, std=std, loss_fn=nn.CrossEntropyLoss(), hw=CPU, start_lr=1e-5, end_lr=100, num_iter=60)
+
+    assert 1e-4 <= result.suggestion <= 1
+    assert result.lrs[0] == pytest.approx(1e-5) and result.lrs[0] <= result.suggestion <= result.lrs[-1]
+    ratios = np.diff(np.log(result.lrs))
+    assert np.allclose(ratios, math.log(1e7) / 59)  # exponential steps
+    assert result.diverged and len(result.lrs) < 60  # an LR of 100 blows up SGD; the test stops early
+    assert len(result.losses) == len(result.lrs) and all(map(math.isfinite, result.losses))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in weights_before.items())
+    assert optimizer.state_dict()["param_groups"] == groups_before
+
+
+def test_range_test_restores_momentum_buffers(toy):
+    train_x, train_y, _, _, mean, std = toy
+    model = tiny_net()
+    optimizer = engine.build_optimizer("sgd", model, 0.01, 0.0)
+    x = engine._model_input(next(engine.iterate_batches(train_x, train_y, 16))[0], mean, std, CPU, None, None)
+    engine.train_step(model, optimizer, nn.CrossEntropyLoss(), x, torch.as_tensor(train_y[:16]), CPU)
+    buffers = {k: v["momentum_buffer"].clone() for k, v in optimizer.state_dict()["state"].items()}
+    engine.lr_range_test(model, optimizer, lambda: engine.iterate_batches(train_x, train_y, 32),
+                         mean=mean, std=std, loss_fn=nn.CrossEntropyLoss(), hw=CPU, num_iter=10)
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(after[k]["momentum_buffer"], v) for k, v in buffers.items())
+
+
+def test_steepest_descent_picks_the_fastest_fall():
+    lrs = list(np.logspace(-5, 0, 40))
+    losses = [2.3 - 2 / (1 + math.exp(-(math.log10(lr) + 2) * 3)) for lr in lrs]  # falls fastest at 1e-2
+    assert engine.steepest_descent(lrs, losses) == pytest.approx(1e-2, rel=0.35)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip_holds_rng_and_plain_values(tmp_path):
+    generator = torch.Generator().manual_seed(5)
+    state = {"epoch": 3, "history": {"lr": [0.1, 0.2]}, "rng": engine.rng_state(generator),
+             "model": tiny_net().state_dict(), "note": None}
+    engine.save_checkpoint(tmp_path / "ck" / "last.pt", state)
+    loaded = engine.load_checkpoint(tmp_path / "ck" / "last.pt")
+    assert loaded["epoch"] == 3 and loaded["history"] == {"lr": [0.1, 0.2]} and loaded["note"] is None
+    expected = torch.rand(3, generator=generator)
+    fresh = torch.Generator()
+    engine.set_rng_state(fresh, loaded["rng"])
+    assert torch.equal(torch.rand(3, generator=fresh), expected)
+
+
+def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    engine.save_checkpoint(path, {"epoch": 1, "weights": torch.ones(1000)})
+    real_save = torch.save
+
+    def torn_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        engine.save_checkpoint(path, {"epoch": 2, "weights": torch.zeros(1000)})
+    monkeypatch.setattr(torch, "save", real_save)
+    loaded = engine.load_checkpoint(path)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["weights"], torch.ones(1000))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
