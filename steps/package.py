@@ -1,0 +1,96 @@
+"""Packaging a trained network as the served MLflow model.
+
+The model's artifacts are the weights folder `train` wrote (a `state_dict` and its spec) and
+its code is the `cifar_models` package alone, so it loads and serves from any directory on a
+machine without this repository; the training code in `steps` never ships.
+
+The PythonModel is logged as code (MLflow's "models from code"), not as a pickle: loading the
+model imports `cifar_models.pyfunc` and reads the weights with `torch.load(weights_only=True)`,
+so nothing in a registered model is ever unpickled.
+"""
+
+import importlib.metadata
+import io
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
+from PIL import Image
+
+import cifar_models.pyfunc
+from cifar_models.pyfunc import INPUT_COLUMN, WEIGHTS_ARTIFACT
+from steps.artifacts import PYFUNC_MODEL
+
+# The package directory, found from a module inside it: an editable install made before the
+# package had an __init__.py imports it as a namespace package, whose __file__ is None.
+CIFAR_MODELS_DIR = Path(cifar_models.pyfunc.__file__).parent
+
+# The model file MLflow runs when it loads the model, after putting code_paths on sys.path.
+MODEL_CODE = '''"""The CIFAR-10 classifier; the code is cifar_models/pyfunc.py among this model's code."""
+import mlflow
+
+from cifar_models.pyfunc import CifarClassifier
+
+mlflow.models.set_model(CifarClassifier())
+'''
+MODEL_CODE_FILE = "cifar_classifier.py"
+
+# Distributions the served model imports (torchinfo: cifar_models/__init__ imports it),
+# pinned to the versions installed here.
+SERVING_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pandas", "pillow", "torchinfo")
+
+SIGNATURE = ModelSignature(
+    # `binary` makes the scoring server base64-decode the column of a JSON request. The
+    # column is declared optional, though every request needs it, so that a request without
+    # it reaches predict and gets a one-line 400. When MLflow enforces a required column
+    # itself, its 400 message runs over several lines and quotes the request back.
+    inputs=Schema([ColSpec(DataType.binary, INPUT_COLUMN, required=False)]),
+    outputs=Schema([
+        ColSpec(DataType.string, "label"),
+        ColSpec(DataType.long, "class_id"),
+        ColSpec(DataType.double, "confidence"),
+        ColSpec(Array(DataType.double), "probabilities"),  # one per class, in class order
+    ]),
+)
+
+
+def pinned_requirements() -> list[str]:
+    """`name==version` for SERVING_DISTRIBUTIONS as installed, without local version labels
+    (`2.12.1+cu128` is not on PyPI; the plain version resolves to the same release)."""
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in SERVING_DISTRIBUTIONS]
+
+
+def example_png(seed: int = 0) -> bytes:
+    """A deterministic 32x32 RGB PNG of noise: the logged input example."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def log_pyfunc_model(weights_dir: Path, name: str = PYFUNC_MODEL,
+                     registered_model_name: str | None = None) -> ModelInfo:
+    """Log the served model in the active run (registering it when a name is given).
+
+    MLflow runs the input example through the model while logging, so a model that cannot
+    load or predict fails here rather than when it is served.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        model_code = Path(scratch) / MODEL_CODE_FILE
+        model_code.write_text(MODEL_CODE)
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(model_code),
+            artifacts={WEIGHTS_ARTIFACT: str(weights_dir)},
+            code_paths=[str(CIFAR_MODELS_DIR)],
+            signature=SIGNATURE,
+            input_example=pd.DataFrame({INPUT_COLUMN: [example_png()]}),
+            pip_requirements=pinned_requirements(),
+            registered_model_name=registered_model_name,
+        )
