@@ -1,11 +1,21 @@
-"""Click parameter types for the values MLflow hands the steps.
+"""Parameters as MLflow hands them to the steps, and as the steps log them back.
 
 MLproject declares numbers as `type: float`, and a driver calling `mlflow.projects.run` may
 pass 512 as "512.0"; a whole-number option accepts that, and refuses 512.5 instead of
 silently truncating it.
+
+`mlflow run` logs every entry-point parameter itself, as the string it was given ("1e-7",
+"0"), before the step starts; MLflow refuses to log a param twice with another value, so a
+step logs its parsed values (1e-07, 0.0) only where the run does not hold them already.
 """
 
+import logging
+from collections.abc import Mapping
+
 import click
+import mlflow
+
+log = logging.getLogger(__name__)
 
 
 class WholeNumber(click.ParamType):
@@ -24,3 +34,26 @@ class WholeNumber(click.ParamType):
 
 
 WHOLE = WholeNumber()
+
+
+def _same(logged: str, value) -> bool:
+    if logged == str(value):
+        return True
+    if value == "" and logged in ("''", '""'):  # mlflow run logs an empty string as its shell quoting
+        return True
+    try:
+        return float(logged) == float(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def log_params(params: Mapping[str, object]) -> None:
+    """mlflow.log_params for the active run, skipping those `mlflow run` already logged."""
+    run = mlflow.active_run()
+    logged = mlflow.get_run(run.info.run_id).data.params
+    for key in params.keys() & logged.keys():
+        if not _same(logged[key], params[key]):
+            log.warning("param %s: the run holds %r, the step parsed %r; keeping the run's", key, logged[key], params[key])
+    fresh = {k: v for k, v in params.items() if k not in logged}
+    if fresh:
+        mlflow.log_params(fresh)

@@ -1,0 +1,311 @@
+"""train: a registry model trained on download_data's output, resumable after a crash.
+
+Reads: the `data/` output of download_data (a path or runs:/<run_id>/data), and optionally a
+find_lr run's `suggested_lr`. Writes: every TrainConfig field as a param, plus data_digest
+(param and tag) and max_lr_used; per epoch (step = epoch, counted from 1) the metrics
+train_loss, train_accuracy, test_loss, test_accuracy and lr; at the end weights/ (state_dict.pt
+and model_config.json, for evaluate and the registry), model_summary.txt and train_seconds.
+With max_lr 0 and no lr_run, also find_lr's suggested_lr and plots/lr_range_test.png.
+
+Resuming: after every epoch the full training state goes to a checkpoint file named by a hash
+of the config and the data digest. Running the same command again after a crash or kill -9
+picks it up, copies the finished epochs' metrics into the new run (so it holds each epoch
+once), tags resumed_from_epoch and resumed_from_run, and carries on.
+"""
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import click
+import mlflow
+import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from torch import nn
+from tqdm import tqdm
+
+from cifar_models.inference import ModelSpec, save_network
+from cifar_models.summary import summary
+from steps import engine
+from steps.artifacts import SUGGESTED_LR_METRIC, SUMMARY, WEIGHTS_DIR
+from steps.augment import POLICIES, build_policy
+from steps.data import CifarData, load_data
+from steps.errors import StepError
+from steps import find_lr as find_lr_step
+from steps.find_lr import build_model, check_aug, log_range_test, range_test
+from steps.options import WHOLE, log_params
+from steps.runtime import step_command
+
+log = logging.getLogger(__name__)
+
+EPOCH_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr")
+CHECKPOINT_FILE = "last.pt"
+CHECKPOINT_FORMAT = 1
+EVAL_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "fast_net"  # architecture name in the cifar_models registry
+    epochs: int = 24  # passes over the training set
+    batch_size: int = 512  # images per optimizer step; the last partial batch of an epoch is dropped
+    max_lr: float = 0.0  # peak LR of the schedule; 0 = lr_run's suggested_lr, or a range test in this run
+    lr_run: str = ""  # find_lr run ID whose suggested_lr is the peak LR when max_lr is 0
+    optimizer: str = "sgd"  # sgd (Nesterov momentum 0.9), adam or adamw
+    weight_decay: float = 5e-4  # L2 penalty (sgd, adam) or decoupled decay per unit LR (adamw)
+    label_smoothing: float = 0.1  # weight moved from the true class to all classes in the training loss
+    aug: str = "reference"  # augmentation policy, a name in steps.augment.POLICIES
+    schedule: str = "one_cycle"  # one_cycle, or warmup_linear (from 0 up to max_lr, then linearly to 0)
+    pct_start: float = 5 / 24  # fraction of all steps spent rising to max_lr (the reference: epoch 5 of 24)
+    div_factor: float = 25.0  # one_cycle starts at max_lr / div_factor
+    final_div_factor: float = 1e4  # one_cycle ends at max_lr / final_div_factor
+    seed: int = 0  # initial weights, shuffling and augmentation
+
+
+SCHEDULES: dict[str, Callable[[TrainConfig, float, int], Callable[[int], float]]] = {
+    "one_cycle": lambda cfg, max_lr, total: partial(
+        engine.one_cycle_lr, total_steps=total, max_lr=max_lr, pct_start=cfg.pct_start,
+        div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor),
+    "warmup_linear": lambda cfg, max_lr, total: partial(
+        engine.warmup_linear_lr, total_steps=total, max_lr=max_lr, warmup_steps=round(cfg.pct_start * total)),
+}
+
+
+def validate(cfg: TrainConfig) -> None:
+    check_aug(cfg.aug)
+    if cfg.optimizer not in engine.OPTIMIZERS:
+        raise StepError(f"unknown optimizer {cfg.optimizer!r}; known: {', '.join(engine.OPTIMIZERS)}")
+    if cfg.schedule not in SCHEDULES:
+        raise StepError(f"unknown schedule {cfg.schedule!r}; known: {', '.join(SCHEDULES)}")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.max_lr < 0 or not 0 <= cfg.pct_start <= 1:
+        raise StepError(f"need epochs >= 1, batch_size >= 1, max_lr >= 0 and 0 <= pct_start <= 1; got {cfg}")
+
+
+# --- checkpoints: where, and under what lock ----------------------------------------------------------
+
+def checkpoint_root() -> Path:
+    return Path(os.environ.get("CIFAR10_CHECKPOINTS", Path.home() / ".cache" / "cifar10-mlflow" / "checkpoints"))
+
+
+def checkpoint_key(cfg: TrainConfig, data_digest: str) -> str:
+    """Same config on the same data, same key: the rerun of a command finds its checkpoint.
+    Device and precision are left out, so a run may resume on other hardware."""
+    blob = json.dumps({"config": asdict(cfg), "data_digest": data_digest}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@contextmanager
+def exclusive(folder: Path):
+    """Hold a lock on folder for the duration, so two runs of one config never write the same
+    checkpoint. The kernel drops the lock when the process dies, kill -9 included."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StepError(f"another train with the same config and data is running (checkpoint folder {folder})") from None
+        yield
+
+
+# --- tracking that survives a hiccup --------------------------------------------------------------------
+
+def retrying(what: str, fn: Callable[[], None], attempts: int = 4, delay_s: float = 1.0) -> None:
+    """Call fn, retrying with backoff; if it keeps failing, warn and go on. Hours of training
+    are not lost because the tracking store was briefly away (the checkpoint keeps the
+    history, and a rerun of the command copies it into the new run)."""
+    for attempt in range(attempts):
+        try:
+            fn()
+            return
+        except Exception as exc:  # the tracking client raises many types for one outage
+            if attempt == attempts - 1:
+                log.warning("could not log %s after %d attempts (%s); training continues", what, attempts, exc)
+                return
+            time.sleep(delay_s * 2 ** attempt)
+
+
+def relog_history(run_id: str, history: dict[str, list[float]]) -> None:
+    now = int(time.time() * 1000)
+    metrics = [Metric(name, value, now, epoch) for name, values in history.items()
+               for epoch, value in enumerate(values, start=1)]
+    client = MlflowClient()
+    for start in range(0, len(metrics), 500):  # log_batch takes at most 1000 metrics
+        retrying("resumed metric history", partial(client.log_batch, run_id, metrics=metrics[start:start + 500]))
+
+
+def close_dead_run(run_id: str) -> None:
+    """The run a kill -9 interrupted stays RUNNING forever; mark it KILLED now that it is known dead
+    (the checkpoint lock shows nobody else is training this config)."""
+    try:
+        client = MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+    except Exception as exc:  # another tracking store, a deleted run: nothing to tidy
+        log.debug("could not mark run %s killed: %s", run_id, exc)
+
+
+# --- the peak learning rate -------------------------------------------------------------------------
+
+def resolve_max_lr(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, data: CifarData,
+                   hw: engine.Hardware) -> tuple[float, str, dict | None]:
+    """(max_lr, where it came from, the range test as plain lists when run here)."""
+    if cfg.max_lr > 0:
+        return cfg.max_lr, "config", None
+    if cfg.lr_run:
+        try:
+            metrics = MlflowClient().get_run(cfg.lr_run).data.metrics
+        except Exception as exc:
+            raise StepError(f"cannot read find_lr run {cfg.lr_run}: {exc}") from None
+        if SUGGESTED_LR_METRIC not in metrics:
+            raise StepError(f"run {cfg.lr_run} has no {SUGGESTED_LR_METRIC} metric; is it a find_lr run?")
+        return metrics[SUGGESTED_LR_METRIC], f"find_lr run {cfg.lr_run}", None
+    result = range_test(model, optimizer, data, batch_size=cfg.batch_size, aug=cfg.aug,
+                        label_smoothing=cfg.label_smoothing, seed=cfg.seed, hw=hw,
+                        start_lr=find_lr_step.START_LR, end_lr=find_lr_step.END_LR, num_iter=find_lr_step.NUM_ITER)
+    return result.suggestion, "range test in this run", asdict(result)
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str = "auto") -> dict[str, float]:
+    """Train, or resume training, under the active MLflow run; log the model. Returns the
+    last epoch's metrics."""
+    validate(cfg)
+    hw = engine.hardware(device, precision)
+    data = load_data(data_uri)
+    key = checkpoint_key(cfg, data.digest)
+    folder = checkpoint_root() / key
+    run_id = mlflow.active_run().info.run_id
+    log_params({**asdict(cfg), "data": data_uri, "data_digest": data.digest})
+    mlflow.set_tags({"data_digest": data.digest, "device": str(hw.device), "checkpoint_key": key,
+                     "precision": str(hw.autocast or torch.float32).removeprefix("torch.")})
+    with exclusive(folder):
+        metrics = _train_locked(cfg, data, hw, folder / CHECKPOINT_FILE, key, run_id)
+        # A finished run is the record of the training (metrics, weights); the checkpoint was
+        # only there to get it finished, so it goes.
+        shutil.rmtree(folder, ignore_errors=True)
+    return metrics
+
+
+def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: Path, key: str,
+                  run_id: str) -> dict[str, float]:
+    model = build_model(cfg.model, cfg.seed, hw)
+    optimizer = engine.build_optimizer(cfg.optimizer, model, 1.0, cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    state = engine.load_checkpoint(path) if path.is_file() else None
+    if state is not None and state.get("key") != key:
+        raise StepError(f"{path}: checkpoint of another config; delete it to start over")
+
+    if state is None:
+        max_lr, lr_source, lr_test = resolve_max_lr(cfg, model, optimizer, data, hw)
+        history: dict[str, list[float]] = {name: [] for name in EPOCH_METRICS}
+        start_epoch, seconds = 0, 0.0
+    else:
+        max_lr, lr_source, lr_test = state["max_lr"], state["lr_source"], state.get("range_test")
+        history, start_epoch, seconds = state["history"], state["epoch"], state["seconds"]
+    if lr_test is not None:
+        log_range_test(engine.RangeTest(**lr_test), f"{cfg.model}, {cfg.optimizer}")
+    log_params({"max_lr_used": max_lr, "max_lr_source": lr_source})
+
+    steps_per_epoch = engine.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
+    lr_at = SCHEDULES[cfg.schedule](cfg, max_lr, cfg.epochs * steps_per_epoch)
+    scheduler = engine.lambda_scheduler(optimizer, lr_at)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        engine.set_rng_state(generator, state["rng"])
+        relog_history(run_id, history)
+        mlflow.set_tags({"resumed_from_epoch": start_epoch, "resumed_from_run": state["run_id"]})
+        close_dead_run(state["run_id"])
+        log.info("resuming from %s: %d of %d epochs done (run %s)", path, start_epoch, cfg.epochs, state["run_id"])
+
+    policy = build_policy(cfg.aug, data.mean)
+    train_x, train_y = data.train_x, data.train_y
+    if hw.device.type == "cuda" and (policy is None or policy.on_device):
+        # Nothing to do per image on the CPU: keep the uint8 set on the GPU and cut batches there.
+        train_x, train_y = torch.from_numpy(train_x).to(hw.device), torch.from_numpy(train_y).to(hw.device)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    tty = sys.stderr.isatty()
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        started = time.monotonic()
+        batches = engine.iterate_batches(train_x, train_y, cfg.batch_size, generator=generator, drop_last=True,
+                                         augment=policy)
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not tty)
+        try:
+            train_loss, train_acc = engine.train_one_epoch(
+                model, optimizer, scheduler, batches, mean=data.mean, std=data.std, loss_fn=loss_fn, hw=hw,
+                augment=policy, generator=generator, progress=bar)
+        finally:
+            bar.close()
+        test_loss, test_acc, _ = engine.evaluate(model, data.test_x, data.test_y, data.mean, data.std,
+                                                 batch_size=EVAL_BATCH)
+        seconds += time.monotonic() - started
+        # lr: the LR of the epoch's last optimizer step.
+        values = dict(zip(EPOCH_METRICS, (train_loss, train_acc, test_loss, test_acc, lr_at(epoch * steps_per_epoch - 1))))
+        for name, value in values.items():
+            history[name].append(value)
+        engine.save_checkpoint(path, {
+            "format": CHECKPOINT_FORMAT, "key": key, "config": asdict(cfg), "run_id": run_id, "epoch": epoch,
+            "max_lr": max_lr, "lr_source": lr_source, "range_test": lr_test, "history": history,
+            "seconds": seconds, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": engine.rng_state(generator),
+        })
+        retrying(f"epoch {epoch} metrics", partial(mlflow.log_metrics, values, step=epoch))
+        log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g | %.1f s",
+                 epoch, cfg.epochs, train_loss, train_acc, test_loss, test_acc, values["lr"],
+                 time.monotonic() - started)
+
+    log_model(model, cfg.model, data)
+    mlflow.log_metric("train_seconds", seconds)
+    return {name: values[-1] for name, values in history.items()}
+
+
+def log_model(model: nn.Module, name: str, data: CifarData) -> None:
+    """weights/ (the state_dict and the spec that rebuilds the network) and the summary text."""
+    model = model.to(memory_format=torch.contiguous_format)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_network(model, ModelSpec(model=name, mean=data.mean, std=data.std, classes=data.classes),
+                              Path(tmp) / WEIGHTS_DIR)
+        mlflow.log_artifacts(str(folder), WEIGHTS_DIR)
+    mlflow.log_text(summary(model), SUMMARY)
+
+
+@click.command(help=__doc__)
+@click.option("--data", "data_uri", required=True, help="download_data's output: a folder or runs:/<run_id>/data.")
+@click.option("--model", default=TrainConfig.model, show_default=True, help="Architecture name in cifar_models.")
+@click.option("--epochs", default=TrainConfig.epochs, type=WHOLE, show_default=True)
+@click.option("--batch-size", default=TrainConfig.batch_size, type=WHOLE, show_default=True)
+@click.option("--max-lr", default=TrainConfig.max_lr, show_default=True, help="Peak LR; 0 = from --lr-run or a range test.")
+@click.option("--lr-run", default=TrainConfig.lr_run, help="A find_lr run ID whose suggested_lr to use when max-lr is 0.")
+@click.option("--optimizer", default=TrainConfig.optimizer, show_default=True, help="sgd, adam or adamw.")
+@click.option("--weight-decay", default=TrainConfig.weight_decay, show_default=True)
+@click.option("--label-smoothing", default=TrainConfig.label_smoothing, show_default=True)
+@click.option("--aug", default=TrainConfig.aug, show_default=True, help=f"Augmentation policy: {', '.join(POLICIES)}.")
+@click.option("--schedule", default=TrainConfig.schedule, show_default=True, help=f"{', '.join(SCHEDULES)}.")
+@click.option("--pct-start", default=TrainConfig.pct_start, show_default=True)
+@click.option("--div-factor", default=TrainConfig.div_factor, show_default=True)
+@click.option("--final-div-factor", default=TrainConfig.final_div_factor, show_default=True)
+@click.option("--seed", default=TrainConfig.seed, type=WHOLE, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu or cuda.")
+@click.option("--precision", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.")
+def cli(data_uri: str, device: str, precision: str, **config) -> None:
+    with step_command():
+        train(TrainConfig(**config), data_uri, device, precision)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,133 @@
+"""find_lr, train and evaluate end to end through `mlflow run` on a tiny synthetic set, chained
+as the main driver chains them (find_lr's suggestion feeds train, train's run feeds evaluate),
+then inspected through MlflowClient. The three subprocesses run once for the module; the
+in-process tests at the bottom cover the edges that need no subprocess."""
+
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from steps.data import synthetic, write_data
+from tests.conftest import REPO, mlflow_run_env
+
+EPOCHS = 2
+
+
+def mlflow_run(entry_point: str, env: dict, cwd, **params) -> subprocess.CompletedProcess:
+    cmd = ["mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local"]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def only_run(client: MlflowClient, entry_point: str):
+    runs = client.search_runs(["0"], filter_string=f"tags.`mlflow.project.entryPoint` = '{entry_point}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """find_lr -> train (max_lr 0, lr_run = the find_lr run) -> evaluate, once."""
+    tmp = tmp_path_factory.mktemp("steps")
+    data_dir = tmp / "data"
+    write_data(data_dir, *synthetic(n_train=256, n_test=100), source="synthetic")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    env = mlflow_run_env(uri, CIFAR10_CHECKPOINTS=str(tmp / "checkpoints"))
+    client = MlflowClient(tracking_uri=uri)
+
+    mlflow_run("find_lr", env, tmp, data=data_dir, batch_size=32, num_iter=30, aug="tensor")
+    lr_run = only_run(client, "find_lr")
+    train_out = mlflow_run("train", env, tmp, data=data_dir, epochs=EPOCHS, batch_size=32, max_lr=0,
+                           lr_run=lr_run.info.run_id, aug="reference")
+    train_run = only_run(client, "train")
+    mlflow_run("evaluate", env, tmp, model_uri=train_run.info.run_id, data=data_dir)
+    return {"client": client, "tmp": tmp, "data_dir": data_dir, "lr_run": lr_run, "train_run": train_run,
+            "eval_run": only_run(client, "evaluate"), "train_stderr": train_out.stderr}
+
+
+def artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+@pytest.mark.slow
+def test_find_lr_logs_a_suggestion_within_the_sweep_and_its_plot(pipeline):
+    run = pipeline["lr_run"]
+    assert run.info.status == "FINISHED"
+    assert 1e-7 <= run.data.metrics["suggested_lr"] <= 10
+    assert run.data.params["model"] == "fast_net" and run.data.params["num_iter"] == "30"
+    assert run.data.params["data_digest"] == run.data.tags["data_digest"]
+    assert artifacts(pipeline["client"], run.info.run_id) == {"plots/lr_range_test.png"}
+
+
+@pytest.mark.slow
+def test_train_takes_the_suggestion_and_logs_each_epoch_once(pipeline):
+    client, run = pipeline["client"], pipeline["train_run"]
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert float(params["max_lr_used"]) == pipeline["lr_run"].data.metrics["suggested_lr"]
+    assert params["max_lr_source"] == f"find_lr run {pipeline['lr_run'].info.run_id}"
+    assert params["model"] == "fast_net" and params["optimizer"] == "sgd" and params["epochs"] == str(EPOCHS)
+    assert params["data_digest"] == pipeline["lr_run"].data.params["data_digest"]
+    for name in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(1, EPOCHS + 1))
+    assert artifacts(client, run.info.run_id) == {"weights/state_dict.pt", "weights/model_config.json",
+                                                  "model_summary.txt"}
+    summary_path = client.download_artifacts(run.info.run_id, "model_summary.txt", str(pipeline["tmp"]))
+    assert "Total params: 1,972,792" in open(summary_path).read()
+    assert "epoch 2/2: train loss" in pipeline["train_stderr"]  # one plain line per epoch off a terminal
+    assert not (pipeline["tmp"] / "checkpoints" / run.data.tags["checkpoint_key"]).exists()  # removed when done
+
+
+@pytest.mark.slow
+def test_evaluate_logs_metrics_tables_and_plots(pipeline):
+    client, run = pipeline["client"], pipeline["eval_run"]
+    train_id = pipeline["train_run"].info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train_run_id"] == train_id and run.data.params["model_uri"] == train_id
+    assert run.data.params["data_digest"] == pipeline["train_run"].data.params["data_digest"]
+    metrics = run.data.metrics
+    # The same weights on the same test set give the same accuracy as train's last epoch.
+    assert metrics["test_accuracy"] == pytest.approx(pipeline["train_run"].data.metrics["test_accuracy"])
+    assert 0 <= metrics["test_accuracy_flip_tta"] <= 1 and np.isfinite(metrics["test_loss"])
+    assert artifacts(client, run.info.run_id) == {
+        "per_class_accuracy.csv", "plots/per_class_accuracy.png", "plots/confusion_matrix.png",
+        "plots/misclassified.png", "plots/training_curves.png"}
+    table = pd.read_csv(client.download_artifacts(run.info.run_id, "per_class_accuracy.csv", str(pipeline["tmp"])))
+    assert list(table.columns) == ["class", "correct", "total", "accuracy"]
+    assert table["total"].sum() == 100
+    assert table["correct"].sum() / 100 == pytest.approx(metrics["test_accuracy"])
+
+
+# --- in-process edges ------------------------------------------------------------------------------------
+
+def test_evaluate_resolves_run_ids_and_local_folders(tmp_path):
+    from steps.evaluate import resolve_model
+    from steps.errors import StepError
+
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "model_config.json").write_text("{}")
+    assert resolve_model(str(tmp_path / "w")) == (tmp_path / "w", "")
+    with pytest.raises(StepError, match="no model_config.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_train_refuses_unknown_choices_in_one_line(synthetic_data_dir, tracking_uri):
+    from steps.train import cli
+
+    for option, value, message in (("--aug", "mixup", "unknown augmentation 'mixup'; known: reference"),
+                                   ("--optimizer", "lion", "unknown optimizer 'lion'; known: sgd, adam, adamw"),
+                                   ("--model", "vgg", "unknown model 'vgg'; known models:"),
+                                   ("--epochs", "2.5", "'2.5' is not a whole number")):
+        result = CliRunner().invoke(cli, ["--data", str(synthetic_data_dir), option, value])
+        assert result.exit_code != 0 and message in result.output, result.output
+        assert "Traceback" not in result.output
