@@ -147,9 +147,12 @@ def iterate_batches(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, 
     drawn from it (one per call, i.e. per epoch); without, the stored order. A CPU-side policy
     is applied here, per batch; a device-side one is the caller's, after the move.
     """
+    cpu_augment = augment is not None and not augment.on_device
+    if cpu_augment and isinstance(x, torch.Tensor):
+        raise ValueError(f"augmentation {augment.name!r} works on numpy images on the CPU; pass x as numpy")
     n = len(y)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    if augment is not None and not augment.on_device:
+    if cpu_augment:
         # One seed per epoch from the training generator: the augmentations replay on resume.
         augment.reseed(int(torch.randint(0, 2**31 - 1, (), generator=generator)) if generator is not None else 0)
     for b in range(num_batches(n, batch_size, drop_last)):
@@ -160,7 +163,7 @@ def iterate_batches(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, 
         else:
             idx = idx.numpy()
             images, labels = x[idx], y[idx]
-            if augment is not None and not augment.on_device:
+            if cpu_augment:
                 images = augment(images)
         yield to_nchw(images), torch.as_tensor(labels, dtype=torch.int64)
 

@@ -99,6 +99,10 @@ def test_batches_cover_the_set_once_stay_uint8_and_replay_from_the_seed():
     assert torch.cat([b[1] for b in batches]).tolist() == y[order].tolist()
     again = list(engine.iterate_batches(x, y, 32, generator=torch.Generator().manual_seed(1)))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    # The set may also live on the device as a uint8 tensor; the batches are the same.
+    on_device = list(engine.iterate_batches(torch.from_numpy(x), torch.from_numpy(y), 32,
+                                            generator=torch.Generator().manual_seed(1)))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, on_device))
 
     assert [len(b[1]) for b in engine.iterate_batches(x, y, 32, generator=torch.Generator(), drop_last=True)] == [32, 32]
     assert [len(b[1]) for b in engine.iterate_batches(x[:10], y[:10], 32, drop_last=True)] == [10]

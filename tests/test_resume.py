@@ -1,0 +1,125 @@
+"""Resuming train from its checkpoint: in-process after a crash (the resumed run ends with the
+same weights and metrics as an uninterrupted one), and for real, by SIGKILLing an
+`mlflow run` mid-training and running the same command again."""
+
+import os
+import signal
+import subprocess
+import time
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from steps import engine
+from steps.data import synthetic, write_data
+from steps.train import EPOCH_METRICS, TrainConfig, train
+from tests.conftest import REPO, mlflow_run_env
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def history(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name)) for name in EPOCH_METRICS}
+
+
+def weights(client: MlflowClient, run_id: str, tmp) -> dict[str, torch.Tensor]:
+    path = client.download_artifacts(run_id, "weights/state_dict.pt", str(tmp))
+    return torch.load(path, weights_only=True)
+
+
+def test_resumed_training_matches_an_uninterrupted_one(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    monkeypatch.setattr("steps.find_lr.NUM_ITER", 12)  # max_lr 0: a short range test in the run
+    cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0, aug="reference")
+    client = MlflowClient()
+    real_save = engine.save_checkpoint
+
+    def save_then_crash(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            raise Crash("killed after epoch 1")
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        with mlflow.start_run() as crashed:
+            train(cfg, str(synthetic_data_dir), device="cpu")
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    assert len(list((tmp_path / "checkpoints").glob("*/last.pt"))) == 1
+
+    with mlflow.start_run() as resumed:
+        train(cfg, str(synthetic_data_dir), device="cpu")
+    with mlflow.start_run() as straight:
+        train(cfg, str(synthetic_data_dir), device="cpu")
+
+    tags = client.get_run(resumed.info.run_id).data.tags
+    assert tags["resumed_from_epoch"] == "1" and tags["resumed_from_run"] == crashed.info.run_id
+    assert "resumed_from_epoch" not in client.get_run(straight.info.run_id).data.tags
+    assert list((tmp_path / "checkpoints").glob("*/last.pt")) == []
+    # The range test ran once, in the crashed run, and its result was carried into the resumed one.
+    for run in (resumed, straight):
+        data = client.get_run(run.info.run_id).data
+        assert data.params["max_lr_source"] == "range test in this run"
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/lr_range_test.png"]
+    assert client.get_run(resumed.info.run_id).data.metrics["suggested_lr"] == \
+        client.get_run(straight.info.run_id).data.metrics["suggested_lr"]
+    # Same order of batches, same augmentations, same optimizer state: the same numbers.
+    assert history(client, resumed.info.run_id) == history(client, straight.info.run_id)
+    assert [s for s, _ in history(client, resumed.info.run_id)["test_accuracy"]] == [1, 2]
+    a, b = weights(client, resumed.info.run_id, tmp_path / "a"), weights(client, straight.info.run_id, tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def wait_for_checkpoint(root, process: subprocess.Popen, timeout_s: float = 240) -> int:
+    """Poll until a checkpoint of at least one finished epoch exists; return its epoch."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "training ended before it could be killed"
+        for path in root.glob("*/last.pt"):
+            epoch = engine.load_checkpoint(path)["epoch"]
+            if epoch >= 1:
+                return epoch
+        time.sleep(0.1)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_rerun_resumes_and_logs_each_epoch_once(tmp_path):
+    epochs = 4
+    data_dir = tmp_path / "data"
+    write_data(data_dir, *synthetic(n_train=640, n_test=100), source="synthetic")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    checkpoints = tmp_path / "checkpoints"
+    env = mlflow_run_env(uri, CIFAR10_CHECKPOINTS=str(checkpoints))
+    cmd = ["mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local", "-P", f"data={data_dir}",
+           "-P", f"epochs={epochs}", "-P", "batch_size=32", "-P", "max_lr=0.05", "-P", "aug=none"]
+
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        wait_for_checkpoint(checkpoints, first)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    [path] = checkpoints.glob("*/last.pt")
+    killed_at = engine.load_checkpoint(path)["epoch"]
+    assert 1 <= killed_at < epochs
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{killed_at} of {epochs} epochs done" in second.stderr
+
+    client = MlflowClient(tracking_uri=uri)
+    killed_run, final_run = client.search_runs(["0"], order_by=["attributes.start_time ASC"])
+    assert killed_run.info.status == "KILLED"  # marked by the rerun, which knew it dead
+    assert final_run.info.status == "FINISHED"
+    assert final_run.data.tags["resumed_from_epoch"] == str(killed_at)
+    assert final_run.data.tags["resumed_from_run"] == killed_run.info.run_id
+    for name, points in history(client, final_run.info.run_id).items():
+        assert [step for step, _ in points] == list(range(1, epochs + 1)), name
+    assert [a.path for a in client.list_artifacts(final_run.info.run_id, "weights")] == \
+        ["weights/model_config.json", "weights/state_dict.pt"]
+    assert not path.parent.exists()
