@@ -211,8 +211,11 @@ def images_from_input(model_input: object) -> np.ndarray:
         if columns != [INPUT_COLUMN]:
             # The scoring server drops columns the signature does not name before predict
             # runs, so a request with a misnamed column arrives here with none.
+            if not columns:
+                raise InvalidRequest(f"no column '{INPUT_COLUMN}': send one column '{INPUT_COLUMN}' "
+                                     "of base64-encoded images")
             raise InvalidRequest(f"expected one column '{INPUT_COLUMN}' of base64-encoded images, "
-                                 f"got {'columns ' + str(columns) if columns else 'no such column'}")
+                                 f"got columns {columns}")
         if len(model_input) > MAX_IMAGES:  # before reading a single value
             raise InvalidRequest(f"{len(model_input)} images in one request, at most {MAX_IMAGES} "
                                  "allowed")

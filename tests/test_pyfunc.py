@@ -178,7 +178,7 @@ def test_image_count_is_checked_before_any_image_is_read(classifier):
 @pytest.mark.parametrize("model_input,fragment", [
     (pd.DataFrame({"img": [encode(noise(32, 32))]}), "column"),
     (pd.DataFrame({"image": [encode(noise(32, 32))], "x": [1]}), "column"),
-    (pd.DataFrame(index=[0]), "no such column"),
+    (pd.DataFrame(index=[0]), "no column 'image'"),
     (frame(), "no images"),
     (frame(None), "got NoneType"),
     (frame(b""), "empty"),
