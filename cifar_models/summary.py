@@ -3,7 +3,6 @@
 import copy
 
 from torch import nn
-from torchinfo import summary as torchinfo_summary
 
 
 def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> str:
@@ -13,6 +12,9 @@ def summary(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 32, 32)) -> s
     for the summary of a model being trained on a GPU must not move that model to the CPU.
     The forward pass runs in eval mode, so BatchNorm running statistics are not touched.
     """
+    # Imported here: the served model imports cifar_models but never needs a summary.
+    from torchinfo import summary as torchinfo_summary
+
     stats = torchinfo_summary(
         copy.deepcopy(model),
         input_size=input_size,

@@ -41,9 +41,8 @@ mlflow.models.set_model(CifarClassifier())
 '''
 MODEL_CODE_FILE = "cifar_classifier.py"
 
-# Distributions the served model imports (torchinfo: cifar_models/__init__ imports it),
-# pinned to the versions installed here.
-SERVING_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pandas", "pillow", "torchinfo")
+# Distributions the served model imports, pinned to the versions installed here.
+SERVING_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pandas", "pillow")
 
 SIGNATURE = ModelSignature(
     # `binary` makes the scoring server base64-decode the column of a JSON request. The

@@ -12,8 +12,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite tracking store and registry for this test (in-process and subprocesses)."""
+    """A fresh SQLite tracking store and registry for this test (in-process and subprocesses).
+
+    The test runs in tmp_path: with a SQLite store, MLflow puts artifacts in ./mlruns."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     import mlflow
 
