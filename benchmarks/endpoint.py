@@ -1,0 +1,439 @@
+"""Endpoint benchmark: the served model over HTTP against the raw model in-process, same images,
+same run.
+
+    .venv/bin/python benchmarks/endpoint.py --duration 30 --clients 8 --repeats 3 \\
+        --out benchmarks/results/endpoint-cpu-2core.json
+
+1. Setup. A model (fast_net with random weights by default: throughput does not depend on what
+   the weights learned; `--weights DIR` serves a trained weights folder) is logged with
+   log_pyfunc_model into a SQLite store in a scratch folder and served by a real
+   `mlflow models serve --env-manager local` on 127.0.0.1 (benchmarks/_server.py). The images
+   are CIFAR-10 test images from the shared JPEG archive (or synthetic ones), sent as PNGs.
+2. In-process, the raw model on the same images: the pyfunc's own `CifarClassifier.predict`
+   on a DataFrame of PNG bytes (decode + preprocess + forward + result frame), and the bare
+   forward `predict_logits` on uint8 arrays, at batch 1 and 64, at 1 torch thread, at the
+   server's thread count and at one per core; the best is the baseline. Then the server's path piece
+   by piece on one batch: parse the request (JSON, base64, DataFrame), decode, preprocess,
+   forward, result frame, serialise the response, and MLflow's whole `invocations` function.
+3. Over HTTP, from a separate client process (benchmarks/_load.py): one client alone
+   (latency), then N concurrent keep-alive clients for D seconds (throughput and latency),
+   at batch 1 and batch 64, while the server's resident memory is sampled from /proc.
+4. The ratios the issue sets as targets, a table, and JSON with the machine, date and command.
+
+Steps 2-3 are repeated (`--repeats`); every figure is reported per repeat and as the median
+over repeats, and each ratio is taken within one repeat before the median is taken. The raw
+baseline runs while the server is idle and the HTTP phases while this process is idle, but
+the client process shares the cores with the server, as a client on the same host would.
+"""
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from unittest import mock
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: benchmarks/ is on sys.path, the repository not
+    sys.path.insert(0, str(REPO))
+
+import base64  # noqa: E402
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import PIL  # noqa: E402
+import torch  # noqa: E402
+from mlflow.pyfunc.scoring_server import _parse_json_data, invocations, predictions_to_json  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import cifar_models  # noqa: E402,F401  (registers the architectures)
+from benchmarks import _load, _server  # noqa: E402
+from cifar_models.inference import ModelSpec, load_network, predict_logits, save_network  # noqa: E402
+from cifar_models.preprocess import CIFAR10_MEAN, CIFAR10_STD, CLASSES, normalize, to_nchw  # noqa: E402
+from cifar_models.pyfunc import images_from_input, predictions_frame, serving_threads  # noqa: E402
+from cifar_models.registry import create_model  # noqa: E402
+
+SHARED_ARCHIVE = Path("/work/shared/data/cifar10-jpeg.tar.gz")  # test/<class>/NNNN.jpg
+BATCHES = (1, 64)
+POOL = 512  # distinct images; requests cycle through them
+SAMPLE_EVERY_S = 0.25  # memory sampling period
+CONTENT_TYPE = "application/json"
+
+
+# --- setup ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="fast_net", help="architecture, random weights (default fast_net)")
+    parser.add_argument("--weights", type=Path, help="a trained weights folder (state_dict.pt + model_config.json)")
+    parser.add_argument("--images", default=str(SHARED_ARCHIVE) if SHARED_ARCHIVE.exists() else "synthetic",
+                        help="CIFAR-10 JPEG archive (test/<class>/*.jpg) or 'synthetic' (default: the shared archive)")
+    parser.add_argument("--duration", type=float, default=30, help="seconds of each concurrent phase")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    parser.add_argument("--single-requests", type=int, default=200,
+                        help="requests of the one-client phase at batch 1 (batch 64: a fifth)")
+    parser.add_argument("--single-seconds", type=float, default=20, help="time limit of each one-client phase")
+    parser.add_argument("--raw-repeats", type=int, default=30, help="timed calls per in-process measurement")
+    parser.add_argument("--repeats", type=int, default=1, help="repeats of the in-process and HTTP measurements")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers (MLFLOW_MODELS_WORKERS)")
+    parser.add_argument("--torch-threads", type=int,
+                        help="torch threads per worker in the server (CIFAR_SERVE_TORCH_THREADS; "
+                             "default: the served model's own choice)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    return parser
+
+
+def load_images(source: str, count: int = POOL) -> np.ndarray:
+    """(count, 32, 32, 3) uint8: CIFAR-10 test images from the JPEG archive, classes taken in
+    turn, or synthetic ones."""
+    if source == "synthetic":
+        from steps.data import synthetic
+        return synthetic(n_train=0, n_test=count)[2]
+    wanted = {f"test/{CLASSES[i % len(CLASSES)]}/{i // len(CLASSES):04d}.jpg": i for i in range(count)}
+    images = np.zeros((count, 32, 32, 3), dtype=np.uint8)
+    found = 0
+    with tarfile.open(source, "r:gz") as tar:
+        for member in tar:
+            if member.name in wanted:
+                with Image.open(tar.extractfile(member)) as image:
+                    images[wanted[member.name]] = np.asarray(image.convert("RGB"))
+                found += 1
+                if found == count:
+                    break
+    if found != count:
+        raise SystemExit(f"{source}: found {found} of the {count} test images wanted")
+    return images
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def request_body(pngs: list[bytes]) -> bytes:
+    data = [[base64.b64encode(p).decode()] for p in pngs]
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": data}}).encode()
+
+
+def weights_folder(args: argparse.Namespace, root: Path) -> Path:
+    if args.weights:
+        return args.weights
+    torch.manual_seed(0)
+    spec = ModelSpec(model=args.model, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    return save_network(create_model(args.model), spec, root / "weights")
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {
+        "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gb": round(
+            int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1),
+        "gpu": None, "python": platform.python_version(), "torch": torch.__version__,
+        "mlflow": mlflow.__version__, "pillow": PIL.__version__, "numpy": np.__version__,
+        "torch_parallel": torch.__config__.parallel_info().splitlines()[3].strip(),
+    }
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--", "cifar_models", "benchmarks", "steps"))}
+
+
+# --- in-process -----------------------------------------------------------------------------
+
+def median_s(call: Callable[[], object], repeats: int, max_s: float = 20) -> float:
+    """Median wall time of call() over `repeats` timed calls after one untimed one; stops early
+    (with at least three) once max_s has passed."""
+    call()
+    times: list[float] = []
+    end = time.perf_counter() + max_s
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() < end):
+        began = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def measure_in_process(pyfunc, pixels: np.ndarray, pngs: list[bytes], bodies: dict[int, bytes],
+                       thread_counts: list[int], server_threads: int, repeats: int) -> dict:
+    """Raw model (best over thread counts) and the server's path stage by stage, in ms."""
+    classifier = pyfunc.unwrap_python_model()
+    network, spec = classifier.network, classifier.spec
+    schema = pyfunc.metadata.get_input_schema()
+    raw: dict = {}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for batch in BATCHES:
+            frame = pd.DataFrame({"image": pngs[:batch]})
+            raw[f"predict_b{batch}_t{threads}_ms"] = 1e3 * median_s(
+                lambda: classifier.predict(None, frame), repeats)
+            raw[f"forward_b{batch}_t{threads}_ms"] = 1e3 * median_s(
+                lambda: predict_logits(network, pixels[:batch], spec.mean, spec.std), repeats)
+    for batch in BATCHES:
+        for what in ("predict", "forward"):
+            best = min(thread_counts, key=lambda t: raw[f"{what}_b{batch}_t{t}_ms"])
+            raw[f"{what}_b{batch}_ms"] = raw[f"{what}_b{batch}_t{best}_ms"]
+            raw[f"{what}_b{batch}_threads"] = best
+        raw[f"predict_b{batch}_images_per_s"] = batch / raw[f"predict_b{batch}_ms"] * 1e3
+
+    torch.set_num_threads(server_threads)  # the stages as the server runs them
+    stages: dict = {}
+    for batch in BATCHES:
+        body = bodies[batch]
+        frame = _parse_json_data(body, pyfunc.metadata, schema).data
+        images = images_from_input(frame)
+        x = normalize(to_nchw(images), spec.mean, spec.std)
+        with torch.inference_mode():
+            logits = network(x).float()
+        result = predictions_frame(logits, spec.classes)
+
+        def forward() -> None:
+            with torch.inference_mode():
+                network(x)
+
+        timed = {
+            "parse_request": lambda: _parse_json_data(body, pyfunc.metadata, schema),
+            "decode": lambda: images_from_input(frame),
+            "preprocess": lambda: normalize(to_nchw(images), spec.mean, spec.std),
+            "forward": forward,
+            "result_frame": lambda: predictions_frame(logits, spec.classes),
+            "serialise_response": lambda: predictions_to_json(result, io.StringIO()),
+            "classifier_predict": lambda: classifier.predict(None, frame),
+            "pyfunc_predict": lambda: pyfunc.predict(frame),
+            "invocations": lambda: invocations(body, CONTENT_TYPE, pyfunc, schema),
+        }
+        ms = {name: 1e3 * median_s(call, repeats) for name, call in timed.items()}
+        # What MLflow's pyfunc wrapper adds around predict: schema enforcement, copies.
+        ms["pyfunc_wrapper"] = ms["pyfunc_predict"] - ms["classifier_predict"]
+        stages[f"b{batch}"] = ms
+    return {"raw": raw, "stages_ms": stages}
+
+
+# --- over HTTP ------------------------------------------------------------------------------
+
+class MemorySampler:
+    """Peak resident memory of the server's processes, sampled from /proc while it runs, and
+    each process's own peak (VmHWM) at the end."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root_pid = root_pid
+        self.peak_total_kb = 0
+        self.processes: dict[int, dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        total = 0
+        for depth, pid in enumerate(_server.process_tree(self.root_pid)):
+            if info := _server.memory_kb(pid):
+                total += info["rss_kb"]
+                seen = self.processes.setdefault(pid, {"command": info["command"], "peak_rss_kb": 0})
+                seen["peak_rss_kb"] = max(seen["peak_rss_kb"], info["rss_kb"])
+                seen["hwm_kb"] = info["hwm_kb"]
+                seen["root"] = depth == 0
+        self.peak_total_kb = max(self.peak_total_kb, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_EVERY_S):
+            self._sample()
+
+    def __enter__(self) -> "MemorySampler":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def report(self) -> dict:
+        mb = 1 / 1024
+        processes = [{"pid": pid, "command": p["command"], "peak_rss_mb": p["peak_rss_kb"] * mb,
+                      "vmhwm_mb": p["hwm_kb"] * mb, "role": "mlflow CLI" if p["root"] else "uvicorn"}
+                     for pid, p in sorted(self.processes.items())]
+        workers = [p for p in processes if p["role"] == "uvicorn"]
+        return {"processes": processes, "peak_total_rss_mb": self.peak_total_kb * mb,
+                "worker_peak_mb": max((p["vmhwm_mb"] for p in workers), default=float("nan"))}
+
+
+def http_phase(url: str, bodies: list[bytes], images: int, clients: int, duration_s: float,
+               max_requests: int) -> dict:
+    plan = {"url": url, "kinds": {f"b{images}": {"images": images, "bodies": bodies, "weight": 1}},
+            "clients": clients, "duration_s": duration_s, "max_requests": max_requests,
+            "warmup": 3, "timeout_s": 60, "seed": 0}
+    result = _load.run_load(plan)
+    summary = _load.summarise(result)["all"]
+    summary["wall_s"] = result["wall_s"]
+    summary["error_samples"] = result["errors"]
+    return summary
+
+
+def measure_http(url: str, bodies: dict[int, list[bytes]], args: argparse.Namespace) -> dict:
+    out = {}
+    for batch in BATCHES:
+        count = args.single_requests if batch == 1 else max(10, args.single_requests // 5)
+        out[f"single_b{batch}"] = http_phase(url, bodies[batch], batch, 1, args.single_seconds, count)
+    for batch in reversed(BATCHES):
+        out[f"concurrent_b{batch}"] = http_phase(url, bodies[batch], batch, args.clients, args.duration,
+                                                 max_requests=int(args.duration * 2000))
+    return out
+
+
+# --- report ---------------------------------------------------------------------------------
+
+def derive(repeat: dict) -> dict:
+    """The issue's targets and the time breakdown, from one repeat's figures."""
+    raw, http = repeat["in_process"]["raw"], repeat["http"]
+    stages = repeat["in_process"]["stages_ms"]
+    single_limit = 2 * raw["forward_b1_ms"] + 5
+    out = {
+        "throughput_ratio_b64": http["concurrent_b64"]["images_per_s"] / raw["predict_b64_images_per_s"],
+        "single_client_ratio_b64": (64e3 / http["single_b64"]["p50_ms"]) / raw["predict_b64_images_per_s"],
+        "single_b1_p50_ms": http["single_b1"]["p50_ms"],
+        "single_b1_limit_ms": single_limit,
+        "single_b1_within": http["single_b1"]["p50_ms"] <= single_limit,
+    }
+    for batch in BATCHES:
+        s = stages[f"b{batch}"]
+        out[f"http_overhead_b{batch}_ms"] = http[f"single_b{batch}"]["p50_ms"] - s["classifier_predict"]
+        out[f"transport_b{batch}_ms"] = http[f"single_b{batch}"]["p50_ms"] - s["invocations"]
+    return out
+
+
+def median_tree(values: list):
+    """The median of each number across a list of like-shaped dicts (other values: the first)."""
+    first = values[0]
+    if isinstance(first, dict):
+        return {k: median_tree([v[k] for v in values]) for k in first}
+    if isinstance(first, bool):
+        return sum(values) * 2 > len(values)
+    if isinstance(first, (int, float)):
+        return statistics.median(values)
+    return first
+
+
+def print_report(result: dict) -> None:
+    s = result["summary"]
+    raw, stages, http, d = s["in_process"]["raw"], s["in_process"]["stages_ms"], s["http"], s["derived"]
+    mem = result["memory"]
+    n = result["config"]["repeats"]
+    print(f"\n{result['machine']['cpu']}, {result['machine']['cores']} cores, torch {result['machine']['torch']}, "
+          f"mlflow {result['machine']['mlflow']}; {result['config']['model']}; medians of {n} repeat(s)")
+    print(f"server: {result['config']['workers']} worker(s), {result['config']['server_torch_threads']} torch "
+          f"thread(s) each; load average {result['loadavg_start']} -> {result['loadavg_end']}")
+    print("\nraw, in-process          batch 1          batch 64")
+    for what, label in (("predict", "CifarClassifier.predict"), ("forward", "predict_logits (uint8)")):
+        print(f"  {label:24s}{raw[f'{what}_b1_ms']:7.2f} ms (t{raw[f'{what}_b1_threads']})"
+              f"{raw[f'{what}_b64_ms']:9.1f} ms (t{raw[f'{what}_b64_threads']})  "
+              f"= {64e3 / raw[f'{what}_b64_ms']:.0f} images/s")
+    print("\nover HTTP                 req/s   images/s    p50 ms    p99 ms  requests  errors")
+    for phase in ("single_b1", "single_b64", "concurrent_b1", "concurrent_b64"):
+        h = http[phase]
+        clients = 1 if phase.startswith("single") else result["config"]["clients"]
+        print(f"  {phase:14s} x{clients:<3d} {h['requests_per_s']:8.1f} {h['images_per_s']:9.0f} "
+              f"{h['p50_ms']:9.1f} {h['p99_ms']:9.1f} {h['requests']:9.0f} {h['errors']:7.0f}")
+    print("\nwhere the time goes (ms, in-process, server's thread count)")
+    names = ("parse_request", "pyfunc_wrapper", "decode", "preprocess", "forward", "result_frame",
+             "serialise_response", "invocations")
+    print("  " + "".join(f"{name:>19s}" for name in ("", *names[:4])))
+    for batch in BATCHES:
+        print(f"  {'batch ' + str(batch):>19s}" + "".join(f"{stages[f'b{batch}'][k]:19.2f}" for k in names[:4]))
+    print("  " + "".join(f"{name:>19s}" for name in ("", *names[4:])))
+    for batch in BATCHES:
+        print(f"  {'batch ' + str(batch):>19s}" + "".join(f"{stages[f'b{batch}'][k]:19.2f}" for k in names[4:]))
+    for batch in BATCHES:
+        print(f"  batch {batch}: HTTP p50 (one client) - classifier predict = {d[f'http_overhead_b{batch}_ms']:.2f} ms; "
+              f"- MLflow's invocations = {d[f'transport_b{batch}_ms']:.2f} ms (uvicorn, asyncio, client)")
+    print(f"\nserver memory: worker peak {mem['worker_peak_mb']:.0f} MB (target < 1536), all processes "
+          f"{mem['peak_total_rss_mb']:.0f} MB")
+    print("\ntargets")
+    print(f"  HTTP images/s at batch 64, {result['config']['clients']} clients / raw predict images/s: "
+          f"{d['throughput_ratio_b64']:.2f} (target >= 0.70; one client: {d['single_client_ratio_b64']:.2f})")
+    print(f"  single-image HTTP p50 {d['single_b1_p50_ms']:.2f} ms vs 2 x forward + 5 = "
+          f"{d['single_b1_limit_ms']:.2f} ms: {'within' if d['single_b1_within'] else 'NOT within'}")
+    print(f"  one worker {mem['worker_peak_mb']:.0f} MB: {'under' if mem['worker_peak_mb'] < 1536 else 'NOT under'} 1.5 GB")
+
+
+# --- main -----------------------------------------------------------------------------------
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def main(args: argparse.Namespace) -> dict:
+    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date":
+              datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "git": git_state(), "loadavg_start": loadavg()}
+    pixels = load_images(args.images)
+    pngs = [png(p) for p in pixels]
+    bodies = {batch: [request_body(pngs[i:i + batch]) for i in range(0, len(pngs), batch)] for batch in BATCHES}
+    server_env = {"MLFLOW_MODELS_WORKERS": str(args.workers)}
+    if args.torch_threads:
+        server_env["CIFAR_SERVE_TORCH_THREADS"] = str(args.torch_threads)
+    with mock.patch.dict(os.environ, server_env):  # the thread count the served model will choose
+        server_threads = serving_threads()
+    result["config"] = {
+        "model": args.model if not args.weights else f"{load_network(args.weights)[1].model} ({args.weights})",
+        "images": args.images, "mean_png_bytes": statistics.mean(map(len, pngs)),
+        "request_bytes_b1": statistics.mean(map(len, bodies[1])), "request_bytes_b64": statistics.mean(map(len, bodies[64])),
+        "clients": args.clients, "duration_s": args.duration, "repeats": args.repeats, "workers": args.workers,
+        "server_torch_threads": server_threads,
+        "in_process_threads": sorted({1, server_threads, len(os.sched_getaffinity(0))}),
+    }
+    with tempfile.TemporaryDirectory(prefix="endpoint-bench-") as scratch:
+        root = Path(scratch)
+        logged = _server.log_model(root, weights_folder(args, root))
+        print(f"serving {logged.model_uri} ...", flush=True)
+        server = _server.start(logged, root, workers=args.workers, extra_env=server_env)
+        try:
+            mlflow.set_tracking_uri(logged.tracking_uri)
+            pyfunc = mlflow.pyfunc.load_model(logged.model_uri)
+            mlflow.set_tracking_uri(None)
+            repeats = []
+            with MemorySampler(server.process.pid) as memory:
+                for index in range(args.repeats):
+                    print(f"repeat {index + 1}/{args.repeats}: in-process ...", flush=True)
+                    in_process = measure_in_process(pyfunc, pixels, pngs, {b: bodies[b][0] for b in BATCHES},
+                                                    result["config"]["in_process_threads"], server_threads,
+                                                    args.raw_repeats)
+                    print(f"repeat {index + 1}/{args.repeats}: HTTP ...", flush=True)
+                    repeat = {"in_process": in_process, "http": measure_http(server.url, bodies, args),
+                              "loadavg": loadavg()}
+                    repeat["derived"] = derive(repeat)
+                    repeats.append(repeat)
+            result["ping_after"] = _server.ping(server.url)
+        finally:
+            _server.stop(server)
+    result["memory"] = memory.report()
+    result["repeats"] = repeats
+    result["summary"] = median_tree(repeats)
+    result["loadavg_end"] = loadavg()
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    arguments = build_parser().parse_args()
+    outcome = main(arguments)
+    print_report(outcome)
+    if arguments.out:
+        arguments.out.parent.mkdir(parents=True, exist_ok=True)
+        arguments.out.write_text(json.dumps(outcome, indent=2) + "\n")
+        print(f"\nwrote {arguments.out}")
