@@ -47,12 +47,14 @@ def load_source(source: str, cache_dir: Path):
     return D.read_cifar(path)
 
 
-def dataset_source(source: str) -> str:
-    """Where the data came from, as a URI MLflow can show."""
+def dataset_source(source: str):
+    """Where the data came from, in a form MLflow can show."""
     if source == "cifar10":
         return D.OFFICIAL_URL
     if source == "synthetic":
-        return "synthetic://steps.data.synthetic"
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+
+        return CodeDatasetSource(tags={"generator": "steps.data.synthetic"})
     return D.local_path(source).resolve().as_uri()
 
 

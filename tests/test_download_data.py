@@ -205,6 +205,16 @@ def test_download_data_logs_everything_a_later_step_needs(archive, tracking_uri)
     assert len(data.train_y) == 100 and data.digest == manifest["digest"]
 
 
+def test_download_data_synthetic(tracking_uri):
+    import mlflow
+
+    with mlflow.start_run() as run:
+        manifest = download_data("synthetic", train_limit=100)
+    data = D.load_data(f"runs:/{run.info.run_id}/data")
+    assert manifest["sizes"] == {"train": 100, "test": 500}
+    np.testing.assert_array_equal(data.test_x, D.synthetic()[2])
+
+
 @pytest.mark.slow
 def test_mlflow_run_download_data_and_bad_source(archive, tracking_uri, tmp_path):
     from mlflow.tracking import MlflowClient

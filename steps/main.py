@@ -1,0 +1,173 @@
+"""main: the whole pipeline, raw data to a registered model with `champion` decided.
+
+Runs download_data, then for each model find_lr (only when max_lr is 0), train and evaluate,
+each as its own MLflow run nested under this one and started through the MLflow Projects API
+with this run's environment manager. A step that already finished with the same parameters,
+the same code and the same upstream runs is reused rather than run again. At the end the most
+accurate candidate is registered as a new version of `registered_model` with the alias
+`challenger`, and `champion` moves to it only if it beats the current champion on the same
+test images.
+"""
+
+import hashlib
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from cifar_models import list_models
+from steps import registry
+from steps.artifacts import DATA_DIR, TEST_ACCURACY_METRIC, WEIGHTS_DIR
+from steps.data import load_data
+from steps.errors import StepError
+from steps.options import WHOLE, log_params
+from steps.runtime import ERROR_TAG, step_command
+
+log = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+CODE_TAG = "pipeline.code_version"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    source: str = "cifar10"  # download_data's source: cifar10, synthetic, or a local copy
+    models: tuple[str, ...] = ("custom_resnet",)  # architectures to train and compare
+    epochs: int = 24  # the reference recipe: 24 epochs of one-cycle
+    batch_size: int = 512
+    max_lr: float = 0.0  # 0 = run find_lr for each model and take its suggestion
+    aug: str = "reference"  # augmentation policy name, see steps.augment
+    seed: int = 0
+    train_limit: int = 0  # class-balanced subset sizes, 0 = all
+    test_limit: int = 0
+    registered_model: str = "cifar10-classifier"
+    env_manager: str = "local"  # passed on to every step: children do not inherit it
+
+
+def code_version(root: Path = PROJECT_DIR) -> str:
+    """A hash of the code the steps run. Unlike the git commit MLflow records, it also changes
+    with uncommitted edits, so a reused step really ran this code."""
+    digest = hashlib.sha256()
+    files = [root / "MLproject", *sorted((root / "steps").rglob("*.py")), *sorted((root / "cifar_models").rglob("*.py"))]
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def find_finished(client: MlflowClient, experiment_id: str, entry_point: str, params: dict[str, str], code: str):
+    """A finished run of this entry point with these parameters and this code, or None.
+
+    MLflow stores parameters as strings, so the comparison is on strings, exactly as logged."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`mlflow.project.entryPoint` = '{entry_point}' and tags.`{CODE_TAG}` = '{code}' "
+                       "and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in runs:
+        if all(run.data.params.get(k) == v for k, v in params.items()):
+            return run
+    return None
+
+
+def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> str:
+    """Run one entry point as a child of the active run, or reuse an identical finished one.
+    Returns the run ID; a failed step raises StepError with that step's own message first."""
+    client = MlflowClient()
+    experiment_id = mlflow.active_run().info.experiment_id
+    params = {k: str(v) for k, v in params.items()}
+    done = find_finished(client, experiment_id, entry_point, params, code)
+    if done is not None:
+        log.info("%s: reusing finished run %s (same parameters, code %s and inputs)", entry_point, done.info.run_id, code)
+        return done.info.run_id
+    log.info("%s: starting with %s", entry_point, params)
+    submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point, parameters=params,
+                                    env_manager=cfg.env_manager, experiment_id=experiment_id, synchronous=False)
+    client.set_tag(submitted.run_id, CODE_TAG, code)
+    if not submitted.wait():
+        tags = client.get_run(submitted.run_id).data.tags
+        reason = tags.get(ERROR_TAG, "see the step's output above")
+        raise StepError(f"{entry_point} failed: {reason} (run {submitted.run_id}); run main again to resume from this step")
+    return submitted.run_id
+
+
+def train_and_evaluate(model: str, data_run: str, cfg: PipelineConfig, code: str) -> registry.Candidate:
+    data_uri = f"runs:/{data_run}/{DATA_DIR}"
+    lr_run = ""
+    if cfg.max_lr == 0:
+        lr_run = run_step("find_lr", {"data": data_uri, "model": model, "batch_size": cfg.batch_size,
+                                      "seed": cfg.seed}, cfg, code)
+    train_run = run_step("train", {"data": data_uri, "model": model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                                   "max_lr": cfg.max_lr, "lr_run": lr_run, "aug": cfg.aug, "seed": cfg.seed}, cfg, code)
+    eval_run = run_step("evaluate", {"model_uri": train_run, "data": data_uri}, cfg, code)
+    accuracy = MlflowClient().get_run(eval_run).data.metrics[TEST_ACCURACY_METRIC]
+    log.info("%s: test accuracy %.4f (train run %s, evaluate run %s)", model, accuracy, train_run, eval_run)
+    return registry.Candidate(model, accuracy, train_run, eval_run)
+
+
+def register(best: registry.Candidate, data_run: str, cfg: PipelineConfig) -> tuple[str, bool]:
+    """Log the best candidate as a servable pyfunc model in this run, register it as a new
+    version with `challenger`, and decide on `champion`. Returns (version, became champion)."""
+    from steps.package import log_pyfunc_model
+
+    client = MlflowClient()
+    data = load_data(f"runs:/{data_run}/{DATA_DIR}")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(client.download_artifacts(best.train_run_id, WEIGHTS_DIR, tmp))
+        info = log_pyfunc_model(weights, registered_model_name=cfg.registered_model)
+    version = client.get_model_version(cfg.registered_model, str(info.registered_model_version))
+    tags = {"test_accuracy": f"{best.test_accuracy:.6f}", "model": best.model, "data_digest": data.digest,
+            "test_digest": data.test_digest, "train_run_id": best.train_run_id, "eval_run_id": best.eval_run_id,
+            "data_run_id": data_run, "pipeline_run_id": mlflow.active_run().info.run_id}
+    for key, value in tags.items():
+        client.set_model_version_tag(cfg.registered_model, version.version, key, value)
+    client.set_registered_model_alias(cfg.registered_model, registry.CHALLENGER, version.version)
+    log.info("registered %s v%s (%s, test accuracy %.4f) as %s", cfg.registered_model, version.version,
+             best.model, best.test_accuracy, registry.CHALLENGER)
+    version = client.get_model_version(cfg.registered_model, version.version)
+    moved = registry.decide_champion(client, cfg.registered_model, version, best.test_accuracy,
+                                     data.test_digest, data.test_x, data.test_y)
+    return version.version, moved
+
+
+def run_pipeline(cfg: PipelineConfig) -> tuple[str, bool]:
+    unknown = [m for m in cfg.models if m not in list_models()]
+    if unknown or not cfg.models:
+        raise StepError(f"unknown model(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(list_models())}")
+    log_params({k: ",".join(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()})
+    code = code_version()
+    mlflow.set_tag(CODE_TAG, code)
+    data_run = run_step("download_data", {"source": cfg.source, "train_limit": cfg.train_limit,
+                                          "test_limit": cfg.test_limit}, cfg, code)
+    candidates = [train_and_evaluate(model, data_run, cfg, code) for model in cfg.models]
+    best = max(candidates, key=lambda c: c.test_accuracy)
+    version, moved = register(best, data_run, cfg)
+    mlflow.log_metric("best_test_accuracy", best.test_accuracy)
+    mlflow.set_tags({"registered_version": version, "champion_moved": str(moved).lower()})
+    return version, moved
+
+
+@click.command(help=__doc__)
+@click.option("--source", default=PipelineConfig.source, show_default=True)
+@click.option("--models", default=",".join(PipelineConfig.models), show_default=True, help="Comma-separated model names.")
+@click.option("--epochs", type=WHOLE, default=PipelineConfig.epochs, show_default=True)
+@click.option("--batch-size", type=WHOLE, default=PipelineConfig.batch_size, show_default=True)
+@click.option("--max-lr", default=PipelineConfig.max_lr, show_default=True, help="0 = find it with find_lr.")
+@click.option("--aug", default=PipelineConfig.aug, show_default=True)
+@click.option("--seed", type=WHOLE, default=PipelineConfig.seed, show_default=True)
+@click.option("--train-limit", type=WHOLE, default=PipelineConfig.train_limit, show_default=True)
+@click.option("--test-limit", type=WHOLE, default=PipelineConfig.test_limit, show_default=True)
+@click.option("--registered-model", default=PipelineConfig.registered_model, show_default=True)
+@click.option("--env-manager", default=PipelineConfig.env_manager, show_default=True)
+def cli(models: str, **kwargs) -> None:
+    cfg = PipelineConfig(models=tuple(m.strip() for m in models.split(",") if m.strip()), **kwargs)
+    with step_command():
+        run_pipeline(cfg)
+
+
+if __name__ == "__main__":
+    cli()
