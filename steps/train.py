@@ -106,6 +106,16 @@ def checkpoint_key(cfg: TrainConfig, data_digest: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def read_checkpoint(path: Path, key: str) -> dict:
+    try:
+        state = engine.load_checkpoint(path)
+    except Exception as exc:  # unpickling errors come in many types
+        raise StepError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); delete it to start over") from None
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("key") != key:
+        raise StepError(f"{path}: a checkpoint of another format or config; delete it to start over")
+    return state
+
+
 @contextmanager
 def exclusive(folder: Path):
     """Hold a lock on folder for the duration, so two runs of one config never write the same
@@ -204,9 +214,7 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
     model = build_model(cfg.model, cfg.seed, hw)
     optimizer = engine.build_optimizer(cfg.optimizer, model, 1.0, cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    state = engine.load_checkpoint(path) if path.is_file() else None
-    if state is not None and state.get("key") != key:
-        raise StepError(f"{path}: checkpoint of another config; delete it to start over")
+    state = read_checkpoint(path, key) if path.is_file() else None
 
     if state is None:
         max_lr, lr_source, lr_test = resolve_max_lr(cfg, model, optimizer, data, hw)
@@ -271,7 +279,7 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
 
     log_model(model, cfg.model, data)
     mlflow.log_metric("train_seconds", seconds)
-    return {name: values[-1] for name, values in history.items()}
+    return {name: series[-1] for name, series in history.items()}
 
 
 def log_model(model: nn.Module, name: str, data: CifarData) -> None:

@@ -88,9 +88,9 @@ def wait_for_checkpoint(root, process: subprocess.Popen, timeout_s: float = 240)
 
 @pytest.mark.slow
 def test_kill_9_mid_training_then_rerun_resumes_and_logs_each_epoch_once(tmp_path):
-    epochs = 4
+    epochs = 3
     data_dir = tmp_path / "data"
-    write_data(data_dir, *synthetic(n_train=640, n_test=100), source="synthetic")
+    write_data(data_dir, *synthetic(n_train=480, n_test=100), source="synthetic")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     checkpoints = tmp_path / "checkpoints"
     env = mlflow_run_env(uri, CIFAR10_CHECKPOINTS=str(checkpoints))
@@ -123,3 +123,22 @@ def test_kill_9_mid_training_then_rerun_resumes_and_logs_each_epoch_once(tmp_pat
     assert [a.path for a in client.list_artifacts(final_run.info.run_id, "weights")] == \
         ["weights/model_config.json", "weights/state_dict.pt"]
     assert not path.parent.exists()
+
+
+def test_a_torn_or_foreign_checkpoint_is_refused_with_its_path(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
+    from steps.data import load_data
+    from steps.errors import StepError
+    from steps.train import checkpoint_key
+
+    monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path))
+    cfg = TrainConfig(epochs=1, batch_size=50, max_lr=0.1, aug="none")
+    path = tmp_path / checkpoint_key(cfg, load_data(str(synthetic_data_dir)).digest) / "last.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"PK\x03\x04 not a whole checkpoint")
+    with pytest.raises(StepError, match=f"{path}: unreadable checkpoint .*delete it to start over"):
+        with mlflow.start_run():
+            train(cfg, str(synthetic_data_dir), device="cpu")
+    engine.save_checkpoint(path, {"format": 1, "key": "another"})
+    with pytest.raises(StepError, match="another format or config"):
+        with mlflow.start_run():
+            train(cfg, str(synthetic_data_dir), device="cpu")

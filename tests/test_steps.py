@@ -37,12 +37,12 @@ def pipeline(tmp_path_factory):
     """find_lr -> train (max_lr 0, lr_run = the find_lr run) -> evaluate, once."""
     tmp = tmp_path_factory.mktemp("steps")
     data_dir = tmp / "data"
-    write_data(data_dir, *synthetic(n_train=256, n_test=100), source="synthetic")
+    write_data(data_dir, *synthetic(n_train=160, n_test=100), source="synthetic")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     env = mlflow_run_env(uri, CIFAR10_CHECKPOINTS=str(tmp / "checkpoints"))
     client = MlflowClient(tracking_uri=uri)
 
-    mlflow_run("find_lr", env, tmp, data=data_dir, batch_size=32, num_iter=30, aug="tensor")
+    mlflow_run("find_lr", env, tmp, data=data_dir, batch_size=32, num_iter=20, aug="tensor")
     lr_run = only_run(client, "find_lr")
     train_out = mlflow_run("train", env, tmp, data=data_dir, epochs=EPOCHS, batch_size=32, max_lr=0,
                            lr_run=lr_run.info.run_id, aug="reference")
@@ -64,7 +64,7 @@ def test_find_lr_logs_a_suggestion_within_the_sweep_and_its_plot(pipeline):
     run = pipeline["lr_run"]
     assert run.info.status == "FINISHED"
     assert 1e-7 <= run.data.metrics["suggested_lr"] <= 10
-    assert run.data.params["model"] == "fast_net" and run.data.params["num_iter"] == "30"
+    assert run.data.params["model"] == "fast_net" and run.data.params["num_iter"] == "20"
     assert run.data.params["data_digest"] == run.data.tags["data_digest"]
     assert artifacts(pipeline["client"], run.info.run_id) == {"plots/lr_range_test.png"}
 
