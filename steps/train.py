@@ -37,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cifar_models.inference import ModelSpec, save_network
+from cifar_models.registry import list_models
 from cifar_models.summary import summary
 from steps import engine
 from steps.artifacts import SUGGESTED_LR_METRIC, SUMMARY, WEIGHTS_DIR
@@ -84,6 +85,8 @@ SCHEDULES: dict[str, Callable[[TrainConfig, float, int], Callable[[int], float]]
 
 
 def validate(cfg: TrainConfig) -> None:
+    if cfg.model not in list_models():
+        raise StepError(f"unknown model {cfg.model!r}; known models: {', '.join(list_models())}")
     check_aug(cfg.aug)
     if cfg.optimizer not in engine.OPTIMIZERS:
         raise StepError(f"unknown optimizer {cfg.optimizer!r}; known: {', '.join(engine.OPTIMIZERS)}")

@@ -210,6 +210,7 @@ def test_huge_lr_fails_the_train_run_and_logs_no_weights(synthetic_data_dir, tra
     from steps.train import TrainConfig, train
 
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    monkeypatch.chdir(tmp_path)  # the SQLite store's artifacts go to ./mlruns
     cfg = TrainConfig(epochs=1, batch_size=50, max_lr=1e6, aug="none")
     with pytest.raises(engine.NonFiniteLoss):
         with mlflow.start_run() as run:

@@ -22,6 +22,13 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """In-process runs write their artifacts under the working directory (the SQLite store's
+    default artifact root is ./mlruns), so each test works in its own folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 def history(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
     return {name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, name)) for name in EPOCH_METRICS}
 

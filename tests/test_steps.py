@@ -121,8 +121,11 @@ def test_evaluate_resolves_run_ids_and_local_folders(tmp_path):
         resolve_model(str(tmp_path))
 
 
-def test_train_refuses_unknown_choices_in_one_line(synthetic_data_dir, tracking_uri):
+def test_train_refuses_unknown_choices_in_one_line(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
     from steps.train import cli
+
+    monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    monkeypatch.chdir(tmp_path)
 
     for option, value, message in (("--aug", "mixup", "unknown augmentation 'mixup'; known: reference"),
                                    ("--optimizer", "lion", "unknown optimizer 'lion'; known: sgd, adam, adamw"),
@@ -131,3 +134,4 @@ def test_train_refuses_unknown_choices_in_one_line(synthetic_data_dir, tracking_
         result = CliRunner().invoke(cli, ["--data", str(synthetic_data_dir), option, value])
         assert result.exit_code != 0 and message in result.output, result.output
         assert "Traceback" not in result.output
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything was written
