@@ -97,12 +97,14 @@ def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> 
 
 def train_and_evaluate(model: str, data_run: str, cfg: PipelineConfig, code: str) -> registry.Candidate:
     data_uri = f"runs:/{data_run}/{DATA_DIR}"
-    lr_run = ""
+    train_params = {"data": data_uri, "model": model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                    "max_lr": cfg.max_lr, "aug": cfg.aug, "seed": cfg.seed}
     if cfg.max_lr == 0:
-        lr_run = run_step("find_lr", {"data": data_uri, "model": model, "batch_size": cfg.batch_size,
-                                      "seed": cfg.seed}, cfg, code)
-    train_run = run_step("train", {"data": data_uri, "model": model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-                                   "max_lr": cfg.max_lr, "lr_run": lr_run, "aug": cfg.aug, "seed": cfg.seed}, cfg, code)
+        # Passed only when there is one: MLflow stores an empty parameter as its shell quoting
+        # (''), which would never compare equal to "" when looking for a run to reuse.
+        train_params["lr_run"] = run_step("find_lr", {"data": data_uri, "model": model, "batch_size": cfg.batch_size,
+                                                      "seed": cfg.seed}, cfg, code)
+    train_run = run_step("train", train_params, cfg, code)
     eval_run = run_step("evaluate", {"model_uri": train_run, "data": data_uri}, cfg, code)
     accuracy = MlflowClient().get_run(eval_run).data.metrics[TEST_ACCURACY_METRIC]
     log.info("%s: test accuracy %.4f (train run %s, evaluate run %s)", model, accuracy, train_run, eval_run)
@@ -120,7 +122,7 @@ def register(best: registry.Candidate, data_run: str, cfg: PipelineConfig) -> tu
         weights = Path(client.download_artifacts(best.train_run_id, WEIGHTS_DIR, tmp))
         info = log_pyfunc_model(weights, registered_model_name=cfg.registered_model)
     version = client.get_model_version(cfg.registered_model, str(info.registered_model_version))
-    tags = {"test_accuracy": f"{best.test_accuracy:.6f}", "model": best.model, "data_digest": data.digest,
+    tags = {"test_accuracy": repr(best.test_accuracy), "model": best.model, "data_digest": data.digest,
             "test_digest": data.test_digest, "train_run_id": best.train_run_id, "eval_run_id": best.eval_run_id,
             "data_run_id": data_run, "pipeline_run_id": mlflow.active_run().info.run_id}
     for key, value in tags.items():

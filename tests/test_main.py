@@ -1,0 +1,75 @@
+"""The main driver end to end: real `mlflow run .` subprocesses on a real SQLite registry."""
+
+import subprocess
+
+import pytest
+
+from tests.conftest import REPO, mlflow_run_env
+
+pytestmark = pytest.mark.slow
+
+NAME = "cifar10-classifier"
+# Tiny and quick: a fixed LR skips find_lr, which main runs only when max_lr is 0.
+BASE = {"source": "synthetic", "models": "fast_net", "epochs": "2", "batch_size": "64", "max_lr": "0.05",
+        "train_limit": "200", "test_limit": "100", "aug": "tensor"}
+
+
+def run_main(tmp_path, tracking_uri, **overrides) -> subprocess.CompletedProcess:
+    params = {**BASE, **overrides}
+    cmd = ["mlflow", "run", str(REPO), "--env-manager", "local"]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    return subprocess.run(cmd, cwd=tmp_path, env=mlflow_run_env(tracking_uri), capture_output=True,
+                          text=True, timeout=900)
+
+
+def children(client, parent_id: str) -> dict[str, object]:
+    runs = client.search_runs(["0"], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    return {r.data.tags["mlflow.project.entryPoint"]: r for r in runs}
+
+
+def latest_driver(client):
+    return client.search_runs(["0"], filter_string="tags.`mlflow.project.entryPoint` = 'main'",
+                              order_by=["attributes.start_time DESC"])[0]
+
+
+def test_pipeline_registers_reuses_and_reports_failures(tmp_path, tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    first = run_main(tmp_path, tracking_uri)
+    assert first.returncode == 0, first.stderr[-3000:]
+    driver = latest_driver(client)
+    steps = children(client, driver.info.run_id)
+    assert set(steps) == {"download_data", "train", "evaluate"}  # no find_lr: max_lr was given
+    assert all(r.info.status == "FINISHED" for r in steps.values())
+    v1 = client.get_model_version_by_alias(NAME, "champion")
+    assert v1.tags["train_run_id"] == steps["train"].info.run_id
+    assert float(v1.tags["test_accuracy"]) == pytest.approx(steps["evaluate"].data.metrics["test_accuracy"], abs=1e-6)
+    assert "challenger" in v1.aliases
+
+    # The same command again: every step is reused, nothing retrained; a new version is
+    # registered and, being no better than the champion on the same test data, stays challenger.
+    second = run_main(tmp_path, tracking_uri)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for step in ("download_data", "train", "evaluate"):
+        assert f"{step}: reusing finished run" in second.stderr
+    assert children(client, latest_driver(client).info.run_id) == {}
+    v2 = client.get_model_version_by_alias(NAME, "challenger")
+    assert int(v2.version) == int(v1.version) + 1
+    assert client.get_model_version_by_alias(NAME, "champion").version == v1.version
+    assert v2.tags["champion_decision"].startswith("kept:")
+
+    # A step that fails: its own message heads the driver's error, and the driver fails.
+    bad = run_main(tmp_path, tracking_uri, aug="no_such_policy", epochs="3")
+    assert bad.returncode != 0
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("Error: train failed:")]
+    assert len(errors) == 1 and "no_such_policy" in errors[0]
+    assert "download_data: reusing finished run" in bad.stderr  # it picked up after the finished step
+    assert latest_driver(client).info.status == "FAILED"
+
+
+def test_unknown_model_is_refused_before_any_step(tmp_path, tracking_uri):
+    result = run_main(tmp_path, tracking_uri, models="fast_net,no_such_net")
+    assert result.returncode != 0
+    assert "Error: unknown model(s) no_such_net; known: custom_resnet, fast_net, resnet18, separable_net" in result.stderr
