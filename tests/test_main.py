@@ -19,8 +19,8 @@ def run_main(tmp_path, tracking_uri, **overrides) -> subprocess.CompletedProcess
     cmd = ["mlflow", "run", str(REPO), "--env-manager", "local"]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
-    return subprocess.run(cmd, cwd=tmp_path, env=mlflow_run_env(tracking_uri), capture_output=True,
-                          text=True, timeout=900)
+    env = mlflow_run_env(tracking_uri, CIFAR10_CHECKPOINTS=str(tmp_path / "checkpoints"))
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 
 def children(client, parent_id: str) -> dict[str, object]:
