@@ -84,12 +84,26 @@ def lambda_scheduler(optimizer: torch.optim.Optimizer, lr_at: Callable[[int], fl
 class Hardware:
     device: torch.device
     autocast: torch.dtype | None  # dtype of the forward pass under autocast; None = float32 throughout
-    channels_last: bool  # NHWC memory layout for model and inputs (faster convs with tensor cores)
+    channels_last: bool  # NHWC memory layout for model and inputs (faster convs on tensor cores and oneDNN)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions natively on this CPU (AVX512-BF16 or AMX), rather
+    than emulating them in float32, which would make bf16 slower, not faster."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def hardware(device: str = "auto", precision: str = "auto") -> Hardware:
-    """device auto|cpu|cuda[:n]; precision auto|bf16|fp32. auto: CUDA if present; bf16 autocast
-    and channels_last on CUDA, plain float32 on the CPU (where bf16 convs are slower, not faster)."""
+    """device auto|cpu|cuda[:n]; precision auto|bf16|fp32.
+
+    auto: CUDA if present. On CUDA, bf16 autocast and channels_last. On a CPU with native bf16
+    (cpu_has_native_bf16), the same: fast_net's training step measured 1276 ms in float32 and
+    498 ms with bf16 autocast and channels_last on a 2-core AVX512-BF16 EPYC (batch 256, medians
+    of 5; bf16 alone 629 ms, channels_last alone 903 ms). On other CPUs bf16 is emulated and
+    slower, so plain float32 there. Under autocast BatchNorm still runs in float32 and the loss
+    is taken on float32 logits. channels_last goes with bf16 (on a CPU it pays only together
+    with it, see above) and is always on for CUDA.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -97,8 +111,11 @@ def hardware(device: str = "auto", precision: str = "auto") -> Hardware:
         raise StepError("--device cuda was asked for but no CUDA device is available; use --device cpu or auto")
     if precision not in ("auto", "bf16", "fp32"):
         raise StepError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
-    bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
-    return Hardware(dev, torch.bfloat16 if bf16 else None, dev.type == "cuda")
+    if precision == "auto":
+        bf16 = dev.type == "cuda" or (dev.type == "cpu" and cpu_has_native_bf16())
+    else:
+        bf16 = precision == "bf16"
+    return Hardware(dev, torch.bfloat16 if bf16 else None, channels_last=bf16 or dev.type == "cuda")
 
 
 def prepare_model(model: nn.Module, hw: Hardware) -> nn.Module:

@@ -312,7 +312,7 @@ def log_model(model: nn.Module, name: str, data: CifarData) -> None:
 @click.option("--final-div-factor", default=TrainConfig.final_div_factor, show_default=True)
 @click.option("--seed", default=TrainConfig.seed, type=WHOLE, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu or cuda.")
-@click.option("--precision", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.")
+@click.option("--precision", default="auto", show_default=True, help="auto (bf16 + channels_last on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32.")
 def cli(data_uri: str, device: str, precision: str, **config) -> None:
     with step_command():
         train(TrainConfig(**config), data_uri, device, precision)

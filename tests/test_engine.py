@@ -84,6 +84,35 @@ def test_scheduler_follows_the_pure_function_and_resumes_from_its_state(tmp_path
     assert optimizer2.param_groups[0]["lr"] == pytest.approx(lr_at(9))
 
 
+# --- device and precision ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_cpu_is_bf16_channels_last_exactly_where_bf16_is_native(native, monkeypatch):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    hw = engine.hardware("cpu", "auto")
+    assert (hw.autocast, hw.channels_last) == ((torch.bfloat16, True) if native else (None, False))
+    assert engine.hardware("cpu", "fp32") == engine.Hardware(torch.device("cpu"), None, False)
+    assert engine.hardware("cpu", "bf16") == engine.Hardware(torch.device("cpu"), torch.bfloat16, True)
+
+
+def test_native_bf16_probe_agrees_with_onednn():
+    assert engine.cpu_has_native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_a_bf16_channels_last_step_keeps_float_batchnorm_and_loss(toy):
+    train_x, train_y, _, _, mean, std = toy
+    hw = engine.hardware("cpu", "bf16")
+    model = engine.prepare_model(tiny_net(), hw)
+    optimizer = engine.build_optimizer("sgd", model, 0.05, 0.0)
+    images, labels = next(engine.iterate_batches(train_x, train_y, 64))
+    x = engine._model_input(images, mean, std, hw, None, None)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    loss, _ = engine.train_step(model, optimizer, nn.CrossEntropyLoss(), x, labels, hw)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model[1].running_mean.dtype == torch.float32
+
+
 # --- batches and augmentation -------------------------------------------------------------------------
 
 def test_batches_cover_the_set_once_stay_uint8_and_replay_from_the_seed():
