@@ -56,22 +56,46 @@ def load_network(folder: Path, device: str | torch.device = "cpu") -> tuple[torc
     return model.to(device).eval(), spec
 
 
+TTA_MODES = ("none", "flip", "flip_shift")
+
+
+def _tta_logits(model: torch.nn.Module, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Float32 logits of normalised batch x, averaged over the views `tta` names.
+
+    flip: the image and its mirror, equal weights. flip_shift (airbench94's level 2): half the
+    weight on that pair, and a quarter each on the pairs of two translated copies, one moved by
+    a pixel up and left and one by a pixel down and right, both cut from the image padded by
+    one pixel with reflection (so no black border appears that training never showed).
+    """
+    def with_mirror(v: torch.Tensor) -> torch.Tensor:
+        return (model(v).float() + model(v.flip(-1)).float()) / 2
+
+    if tta == "none":
+        return model(x).float()
+    if tta == "flip":
+        return with_mirror(x)
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = (with_mirror(padded[..., :h, :w]) + with_mirror(padded[..., 2:, 2:])) / 2
+    return (with_mirror(x) + shifted) / 2
+
+
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, mean: Sequence[float],
-                   std: Sequence[float], batch_size: int = 512, flip_tta: bool = False) -> torch.Tensor:
+                   std: Sequence[float], batch_size: int = 512, tta: str = "none") -> torch.Tensor:
     """Float32 logits on the CPU for (N, 32, 32, 3) uint8 images, in batches.
 
-    With flip_tta the logits are the mean over each image and its mirror image.
+    tta: "none" (one forward per image; what the served model uses, as its latency budget is
+    one forward), "flip" (mean over the image and its mirror: 2
+    forwards) or "flip_shift" (also one-pixel translations: 6 forwards); see _tta_logits.
     """
+    if tta not in TTA_MODES:
+        raise ValueError(f"unknown tta {tta!r}; known: {', '.join(TTA_MODES)}")
     device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = to_nchw(images[start:start + batch_size]).to(device, non_blocking=True)
-        x = normalize(batch, mean, std)
-        logits = model(x).float()
-        if flip_tta:
-            logits = (logits + model(x.flip(-1)).float()) / 2
-        chunks.append(logits.cpu())
+        chunks.append(_tta_logits(model, normalize(batch, mean, std), tta).cpu())
     if not chunks:
         return torch.empty(0, len(CLASSES))
     return torch.cat(chunks)

@@ -255,7 +255,7 @@ def _check_finite(loss_sum: torch.Tensor, batch: int, scheduler) -> None:
 # --- evaluation ---------------------------------------------------------------------------------------
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, mean: Sequence[float], std: Sequence[float], *,
-             batch_size: int = 512, flip_tta: bool = False) -> tuple[float, float, torch.Tensor]:
+             batch_size: int = 512, tta: str = "none") -> tuple[float, float, torch.Tensor]:
     """(mean cross-entropy, accuracy, CPU float32 logits) over uint8 NHWC images x.
 
     The forward pass is inference.predict_logits, the one the served model uses. The loss is
@@ -263,7 +263,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, mean: Sequence[floa
     runs whatever their smoothing.
     """
     model.eval()
-    logits = predict_logits(model, x, mean, std, batch_size=batch_size, flip_tta=flip_tta)
+    logits = predict_logits(model, x, mean, std, batch_size=batch_size, tta=tta)
     labels = torch.as_tensor(y, dtype=torch.int64)
     if len(labels) == 0:
         return float("nan"), float("nan"), logits

@@ -3,8 +3,9 @@
 Reads: a train run's weights (its run ID, runs:/<run_id>/weights, any MLflow artifact URI or
 local folder holding state_dict.pt and model_config.json) and the `data/` output of
 download_data. Writes: params model_uri, data, train_run_id, data_digest, model; metrics test_accuracy,
-test_loss, test_accuracy_flip_tta (accuracies are fractions in [0, 1], the loss is plain
-cross-entropy); per_class_accuracy.csv; under plots/: per_class_accuracy.png,
+test_loss, test_accuracy_flip_tta (mirror test-time augmentation) and test_accuracy_tta (mirror
+and one-pixel shifts; both as cifar_models.inference.predict_logits does them; accuracies are
+fractions in [0, 1], the loss is plain cross-entropy); per_class_accuracy.csv; under plots/: per_class_accuracy.png,
 confusion_matrix.png, misclassified.png and, when the train run is known, training_curves.png
 (its train and test loss and accuracy per epoch).
 """
@@ -96,11 +97,16 @@ def evaluate(model_uri: str, data_uri: str, *, batch_size: int = 1024, device: s
 
     # The network's own normalisation (stored with its weights), not this data set's.
     loss, accuracy, logits = engine.evaluate(model, data.test_x, data.test_y, spec.mean, spec.std, batch_size=batch_size)
+    # Test-time augmentation is measured here only: the served model keeps one forward per image.
+    _, flip_accuracy, _ = engine.evaluate(model, data.test_x, data.test_y, spec.mean, spec.std,
+                                          batch_size=batch_size, tta="flip")
     _, tta_accuracy, _ = engine.evaluate(model, data.test_x, data.test_y, spec.mean, spec.std,
-                                         batch_size=batch_size, flip_tta=True)
-    metrics = {TEST_ACCURACY_METRIC: accuracy, "test_loss": loss, "test_accuracy_flip_tta": tta_accuracy}
+                                         batch_size=batch_size, tta="flip_shift")
+    metrics = {TEST_ACCURACY_METRIC: accuracy, "test_loss": loss, "test_accuracy_flip_tta": flip_accuracy,
+               "test_accuracy_tta": tta_accuracy}
     mlflow.log_metrics(metrics)
-    log.info("test accuracy %.4f (flip TTA %.4f), loss %.4f on %d images", accuracy, tta_accuracy, loss, len(data.test_y))
+    log.info("test accuracy %.4f (flip TTA %.4f, flip+shift TTA %.4f), loss %.4f on %d images", accuracy,
+             flip_accuracy, tta_accuracy, loss, len(data.test_y))
 
     predictions = logits.argmax(1).numpy()
     labels = data.test_y

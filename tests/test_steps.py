@@ -99,6 +99,7 @@ def test_evaluate_logs_metrics_tables_and_plots(pipeline):
     # The same weights on the same test set give the same accuracy as train's last epoch.
     assert metrics["test_accuracy"] == pytest.approx(pipeline["train_run"].data.metrics["test_accuracy"])
     assert 0 <= metrics["test_accuracy_flip_tta"] <= 1 and np.isfinite(metrics["test_loss"])
+    assert 0 <= metrics["test_accuracy_tta"] <= 1
     assert artifacts(client, run.info.run_id) == {
         "per_class_accuracy.csv", "plots/per_class_accuracy.png", "plots/confusion_matrix.png",
         "plots/misclassified.png", "plots/training_curves.png"}
