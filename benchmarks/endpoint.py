@@ -54,7 +54,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import PIL  # noqa: E402
 import torch  # noqa: E402
-from mlflow.pyfunc.scoring_server import _parse_json_data, invocations, predictions_to_json  # noqa: E402
+from mlflow.pyfunc.scoring_server import (  # noqa: E402
+    _SERVER_MODEL_PATH, _parse_json_data, invocations, predictions_to_json,
+)
 from PIL import Image  # noqa: E402
 
 import cifar_models  # noqa: E402,F401  (registers the architectures)
@@ -387,7 +389,8 @@ def main(args: argparse.Namespace) -> dict:
     server_env = {"MLFLOW_MODELS_WORKERS": str(args.workers)}
     if args.torch_threads:
         server_env["CIFAR_SERVE_TORCH_THREADS"] = str(args.torch_threads)
-    with mock.patch.dict(os.environ, server_env):  # the thread count the served model will choose
+    # The thread count the served model will choose in the server, where this variable is set.
+    with mock.patch.dict(os.environ, {**server_env, _SERVER_MODEL_PATH: "-"}):
         server_threads = serving_threads()
     result["config"] = {
         "model": args.model if not args.weights else f"{load_network(args.weights)[1].model} ({args.weights})",

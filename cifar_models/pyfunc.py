@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc.scoring_server import _SERVER_MODEL_PATH
 from PIL import ExifTags, Image
 
 from cifar_models.inference import load_network, predict_logits
@@ -226,30 +227,37 @@ def images_from_input(model_input: object) -> np.ndarray:
                          f"(N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3), got {type(model_input).__name__}")
 
 
-def serving_threads() -> int:
-    """Torch intra-op threads for a serving process: the cores it may run on, divided among
-    the uvicorn workers of `mlflow models serve` (default one).
+def serving_threads() -> int | None:
+    """Torch intra-op threads for this process if it is a scoring server, else None (leave
+    torch's own choice, one per core, alone).
 
-    A worker runs concurrent requests in a thread pool, and decoding and the forward pass
-    release the GIL, so under load the requests alone keep the cores busy; a single large
-    batch still gets every core of its worker's share. Measured on 2 cores, 8 clients of
-    64-image requests: 1 and 2 threads give the same throughput (about 800 images/s).
-    The worker count is read from MLFLOW_MODELS_WORKERS, which `mlflow models serve` also
-    reads in place of `-w`: give it that way. CIFAR_SERVE_TORCH_THREADS overrides the result.
+    One per uvicorn worker. A worker of `mlflow models serve` runs concurrent requests in a
+    thread pool (asyncio.to_thread), and decoding and the forward pass release the GIL, so
+    under load the requests themselves keep the cores busy. More intra-op threads only
+    oversubscribe the cores: every concurrent forward brings its own OpenMP team, whose
+    barriers stall whenever one of its threads is descheduled, by another request or by
+    another process on the host. Measured with benchmarks/endpoint.py on 2 shared, busy cores
+    (interleaved phases, medians of 5): 1 thread instead of 2 gives 1.13x the images/s of 8
+    clients at batch 64, and a lone 64-image request's p50 falls from 272 to 179 ms; single
+    images are unchanged (16 vs 15 ms). A server that takes one large batch at a time on an
+    idle machine may set CIFAR_SERVE_TORCH_THREADS to its cores.
+
+    The scoring server is recognised by the variable through which `mlflow models serve`
+    hands its uvicorn workers the model path. Anywhere else (a notebook, the packaging step,
+    which runs the input example through the model) the model leaves the thread count alone:
+    it is process-wide, and one thread would slow every later computation there.
     """
     if override := os.environ.get("CIFAR_SERVE_TORCH_THREADS"):
         return max(1, int(override))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = max(1, int(os.environ.get("MLFLOW_MODELS_WORKERS") or 1))
-    return max(1, cores // workers)
+    return 1 if _SERVER_MODEL_PATH in os.environ else None
 
 
 class CifarClassifier(mlflow.pyfunc.PythonModel):
     """The registered model: weights from the `weights` artifact, code from cifar_models."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        # Process-wide, as torch's thread count is: loading the model in-process sets it too.
-        torch.set_num_threads(serving_threads())
+        if (threads := serving_threads()) is not None:
+            torch.set_num_threads(threads)
         self.network, self.spec = load_network(context.artifacts[WEIGHTS_ARTIFACT], device="cpu")
 
     # MLflow reads the annotation of model_input: a DataFrame (one of the types it infers no

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModelContext
+from mlflow.pyfunc.scoring_server import _SERVER_MODEL_PATH
 from PIL import Image
 
 import cifar_models.fast_net  # noqa: F401  (registers fast_net)
@@ -230,6 +231,26 @@ def test_pixel_arrays_predict_like_the_same_images_encoded(classifier):
     for pixels in (images, frame(*images), frame(*images.astype(bytes))):
         pd.testing.assert_frame_equal(classifier.predict(None, pixels), from_png)
 
+
+def test_torch_threads_are_set_only_in_a_scoring_server(weights_dir, monkeypatch):
+    """One intra-op thread per server worker (see serving_threads); loaded anywhere else, the
+    model leaves the process-wide thread count alone."""
+    context = PythonModelContext(artifacts={WEIGHTS_ARTIFACT: str(weights_dir)}, model_config={})
+    monkeypatch.delenv("CIFAR_SERVE_TORCH_THREADS", raising=False)
+    monkeypatch.delenv(_SERVER_MODEL_PATH, raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        CifarClassifier().load_context(context)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv(_SERVER_MODEL_PATH, str(weights_dir))
+        CifarClassifier().load_context(context)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("CIFAR_SERVE_TORCH_THREADS", "3")
+        CifarClassifier().load_context(context)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 # --- fuzzing: every input ends in a prediction or a client error --------------------------
 
