@@ -2,8 +2,9 @@
 
 Plain functions with explicit arguments: the model, the optimizer, the data as uint8 arrays,
 the device and the precision are all passed in; nothing here reads a global or starts a run.
-Sections, top to bottom: learning-rate schedules, devices and precision, optimizers, batches,
-one epoch of training, evaluation, the LR range test, checkpoints.
+Sections, top to bottom: learning-rate schedules, devices and precision, optimizers, the
+whitening init and the weight average, batches, one epoch of training, evaluation, the LR range
+test, checkpoints.
 """
 
 import copy
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cifar_models.inference import predict_logits
 from cifar_models.preprocess import normalize, to_nchw
@@ -143,6 +145,74 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float)
     return builder(model.parameters(), lr, weight_decay)
 
 
+# --- the whitening init and the weight average -----------------------------------------------------
+
+def patch_whitening(images: torch.Tensor, kernel: tuple[int, int], eps: float = 5e-4,
+                    chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, bias) of a conv that whitens the kernel-sized patches of normalised (N, C, H, W)
+    float images: the patches' covariance is V diag(lambda) V^T, and filter i is the i-th
+    eigenvector over sqrt(lambda_i + eps), largest eigenvalue first, so the filter outputs
+    are decorrelated with unit variance (eps keeps the near-null directions from being
+    amplified into noise). The bias subtracts the patch mean, so the outputs are also centred.
+    The filters come twice, as +v and -v: after the GELU that follows, each direction keeps
+    both its signs (airbench94's 2 x 12 = 24 channels for 2x2x3 patches).
+    """
+    c, (h, w) = images.shape[1], kernel
+    dim = c * h * w
+    total = torch.zeros(dim, dtype=torch.float64)
+    outer = torch.zeros(dim, dim, dtype=torch.float64)
+    count = 0
+    for start in range(0, len(images), chunk):  # ~50 MB of patches at a time, not 230 MB at once
+        patches = images[start:start + chunk].unfold(2, h, 1).unfold(3, w, 1)  # N, C, H', W', h, w
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, dim).double()  # rows in (c, h, w) order
+        total += patches.sum(0)
+        outer += patches.T @ patches
+        count += len(patches)
+    mean = total / count
+    covariance = outer / count - torch.outer(mean, mean)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+    filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp(min=0) + eps)[:, None]).flip(0)
+    weights = torch.cat([filters, -filters])
+    return weights.reshape(2 * dim, c, h, w).float(), (-(weights @ mean)).float()
+
+
+def whiten_first_conv(model: nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                      eps: float = 5e-4) -> bool:
+    """Set the model's `whiten` conv to the patch whitening of these NHWC uint8 training images
+    (normalised as training normalises them) and freeze its weights; its bias still trains.
+    Returns False, changing nothing, when the model has no `whiten` conv of the whitening
+    shape (2 x C*h*w filters over C input channels).
+
+    Why frozen: the whitened basis is already what the first layer should compute, and
+    training it at the high LRs of the fast recipes only makes it drift (airbench94 freezes
+    it for the same reason). It is still an ordinary conv: the state_dict loads into a fresh
+    create_model(name) unchanged.
+    """
+    conv = getattr(model, "whiten", None)
+    if not isinstance(conv, nn.Conv2d) or conv.bias is None:
+        return False
+    out_channels, in_channels, h, w = conv.weight.shape
+    if out_channels != 2 * in_channels * h * w or conv.stride != (1, 1) or conv.groups != 1:
+        return False
+    x = normalize(to_nchw(images), mean, std)
+    weights, bias = patch_whitening(x, (h, w), eps)
+    with torch.no_grad():
+        conv.weight.copy_(weights)
+        conv.bias.copy_(bias)
+    conv.weight.requires_grad_(False)
+    return True
+
+
+def ema_model(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of model's weights, updated by update_parameters(model)
+    after each optimizer step: w_ema <- decay * w_ema + (1 - decay) * w. BatchNorm's running
+    statistics are averaged too (use_buffers), so the average is a network that can be
+    evaluated as it is, without a pass to recompute them. Its state_dict (the module's under
+    `module.`, plus the count n_averaged) goes into checkpoints; `.module` is the network.
+    """
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 # --- batches -----------------------------------------------------------------------------------------
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
@@ -213,14 +283,15 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler,
                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, mean: Sequence[float],
                     std: Sequence[float], loss_fn: nn.Module, hw: Hardware, augment: Policy = None,
-                    generator: torch.Generator | None = None, check_every: int = 20,
-                    progress=None) -> tuple[float, float]:
+                    generator: torch.Generator | None = None, ema: AveragedModel | None = None,
+                    check_every: int = 20, progress=None) -> tuple[float, float]:
     """Train on every batch once, stepping the scheduler per batch. Returns (mean loss, accuracy).
 
     Losses and correct counts are summed on the device and read back every `check_every`
     batches (and at the end), so the device is not stalled after every step; a NaN or inf in
     the sum raises NonFiniteLoss, and since checkpoints are only written after an epoch that
-    ended finite, a broken model is never saved. `progress` is a tqdm bar or None.
+    ended finite, a broken model is never saved. `ema`, if given, is updated after every
+    optimizer step. `progress` is a tqdm bar or None.
     """
     model.train()
     loss_sum = torch.zeros((), device=hw.device)
@@ -231,6 +302,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         x = _model_input(images, mean, std, hw, augment, generator)
         loss, right = train_step(model, optimizer, loss_fn, x, labels, hw)
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         loss_sum += loss * len(labels)
         correct += right
         seen += len(labels)

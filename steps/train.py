@@ -53,8 +53,9 @@ log = logging.getLogger(__name__)
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr")
 CHECKPOINT_FILE = "last.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: holds the EMA's state ("ema", None when off)
 EVAL_BATCH = 1024
+WHITEN_IMAGES = 5000  # airbench94's sample: plenty for a 12x12 covariance
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class TrainConfig:
     div_factor: float = 25.0  # one_cycle starts at max_lr / div_factor
     final_div_factor: float = 1e4  # one_cycle ends at max_lr / final_div_factor
     seed: int = 0  # initial weights, shuffling and augmentation
+    whiten: bool = False  # first conv set to the patch whitening of WHITEN_IMAGES training images, frozen
+    ema: float = 0.0  # per-step decay of an EMA of the weights (0 = off); when on, test metrics and weights are the EMA's
+    compile: bool = False  # torch.compile the training forward/backward (pays on CUDA; slow warm-up on a CPU)
 
 
 SCHEDULES: dict[str, Callable[[TrainConfig, float, int], Callable[[int], float]]] = {
@@ -94,6 +98,8 @@ def validate(cfg: TrainConfig) -> None:
         raise StepError(f"unknown schedule {cfg.schedule!r}; known: {', '.join(SCHEDULES)}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.max_lr < 0 or not 0 <= cfg.pct_start <= 1:
         raise StepError(f"need epochs >= 1, batch_size >= 1, max_lr >= 0 and 0 <= pct_start <= 1; got {cfg}")
+    if not 0 <= cfg.ema < 1:
+        raise StepError(f"ema is a per-step decay in [0, 1), 0 = off; got {cfg.ema}")
 
 
 # --- checkpoints: where, and under what lock ----------------------------------------------------------
@@ -215,7 +221,12 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
 def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: Path, key: str,
                   run_id: str) -> dict[str, float]:
     model = build_model(cfg.model, cfg.seed, hw)
+    if cfg.whiten and not engine.whiten_first_conv(model, data.train_x[:WHITEN_IMAGES], data.mean, data.std):
+        log.warning("whiten: %s has no whitening conv (a `whiten` Conv2d of 2 x C*h*w filters); left as it is",
+                    cfg.model)
     optimizer = engine.build_optimizer(cfg.optimizer, model, 1.0, cfg.weight_decay)
+    # The average starts as a copy of the initial (whitened) weights; a resume overwrites it.
+    ema = engine.ema_model(model, cfg.ema) if cfg.ema > 0 else None
     generator = torch.Generator().manual_seed(cfg.seed)
     state = read_checkpoint(path, key) if path.is_file() else None
 
@@ -238,6 +249,8 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         engine.set_rng_state(generator, state["rng"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         relog_history(run_id, history)
         mlflow.set_tags({"resumed_from_epoch": start_epoch, "resumed_from_run": state["run_id"]})
         close_dead_run(state["run_id"])
@@ -249,6 +262,11 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
         # Nothing to do per image on the CPU: keep the uint8 set on the GPU and cut batches there.
         train_x, train_y = torch.from_numpy(train_x).to(hw.device), torch.from_numpy(train_y).to(hw.device)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # Compiled for the training steps only; the plain module (same parameters) is what is
+    # averaged, evaluated and saved, so state_dict keys carry no _orig_mod prefix.
+    step_model = torch.compile(model) if cfg.compile else model
+    # With an EMA, the averaged network is the result: it is what is tested and saved.
+    result_model = ema.module if ema is not None else model
     tty = sys.stderr.isatty()
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -258,11 +276,11 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not tty)
         try:
             train_loss, train_acc = engine.train_one_epoch(
-                model, optimizer, scheduler, batches, mean=data.mean, std=data.std, loss_fn=loss_fn, hw=hw,
-                augment=policy, generator=generator, progress=bar)
+                step_model, optimizer, scheduler, batches, mean=data.mean, std=data.std, loss_fn=loss_fn, hw=hw,
+                augment=policy, generator=generator, ema=ema, progress=bar)
         finally:
             bar.close()
-        test_loss, test_acc, _ = engine.evaluate(model, data.test_x, data.test_y, data.mean, data.std,
+        test_loss, test_acc, _ = engine.evaluate(result_model, data.test_x, data.test_y, data.mean, data.std,
                                                  batch_size=EVAL_BATCH)
         seconds += time.monotonic() - started
         # lr: the LR of the epoch's last optimizer step.
@@ -274,13 +292,14 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
             "max_lr": max_lr, "lr_source": lr_source, "range_test": lr_test, "history": history,
             "seconds": seconds, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": engine.rng_state(generator),
+            "ema": ema.state_dict() if ema is not None else None,
         })
         retrying(f"epoch {epoch} metrics", partial(mlflow.log_metrics, values, step=epoch))
         log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g | %.1f s",
                  epoch, cfg.epochs, train_loss, train_acc, test_loss, test_acc, values["lr"],
                  time.monotonic() - started)
 
-    log_model(model, cfg.model, data)
+    log_model(result_model, cfg.model, data)
     mlflow.log_metric("train_seconds", seconds)
     return {name: series[-1] for name, series in history.items()}
 

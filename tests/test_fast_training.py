@@ -41,3 +41,96 @@ def test_tta_shapes_batches_and_unknown_mode():
                               predict_logits(model, images, MEAN, STD, tta="flip"))
     with pytest.raises(ValueError, match="unknown tta 'rot'"):
         predict_logits(model, images, MEAN, STD, tta="rot")
+
+
+# --- whitening init ----------------------------------------------------------------------------------
+
+def test_whitening_decorrelates_patches_and_leaves_a_plain_loadable_conv():
+    from steps import engine
+    from cifar_models.preprocess import normalize, to_nchw
+
+    images = synthetic(n_train=300, n_test=0)[0]
+    mean, std = channel_stats(images)
+    model = create_model("fast_net")
+    assert engine.whiten_first_conv(model, images, mean, std, eps=1e-9)
+    conv = model.whiten
+    assert conv.weight.shape == (24, 3, 2, 2) and not conv.weight.requires_grad and conv.bias.requires_grad
+    assert torch.equal(conv.weight[:12], -conv.weight[12:])
+    with torch.no_grad():
+        features = conv(normalize(to_nchw(images), mean, std))[:, :12]  # the positive half
+    flat = features.permute(0, 2, 3, 1).reshape(-1, 12).double()
+    assert flat.mean(0).abs().max() < 1e-3  # the bias centres them
+    covariance = flat.T @ flat / len(flat)
+    assert torch.allclose(covariance, torch.eye(12, dtype=torch.float64), atol=1e-3)
+    # Just weights: a fresh registry model takes the state_dict as it is.
+    create_model("fast_net").load_state_dict(model.state_dict())
+
+
+def test_whitening_skips_a_model_without_a_whitening_conv():
+    from steps import engine
+
+    images = synthetic(n_train=20, n_test=0)[0]
+    model = nn.Sequential(nn.Conv2d(3, 8, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not engine.whiten_first_conv(model, images, MEAN, STD)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# --- the weight average ------------------------------------------------------------------------------
+
+def test_ema_follows_the_weights_at_its_decay_and_averages_batchnorm_stats():
+    from steps import engine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    ema = engine.ema_model(model, decay=0.9)
+    start = [p.detach().clone() for p in model.parameters()]
+    ema.update_parameters(model)  # the first update copies
+    assert all(torch.equal(a, p) for a, p in zip(ema.module.parameters(), start))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model(torch.randn(8, 4) * 3 + 5)  # moves the running statistics
+    ema.update_parameters(model)
+    for a, p0, p in zip(ema.module.parameters(), start, model.parameters()):
+        assert torch.allclose(a, 0.9 * p0 + 0.1 * p)  # 10% of the way from the old weights to the new
+    bn, bn_ema = model[1], ema.module[1]
+    assert torch.allclose(bn_ema.running_mean, 0.1 * bn.running_mean)  # the average started at 0
+    assert ema.module is not model and not torch.equal(ema.module[0].weight, model[0].weight)
+
+
+def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
+    """As test_resume's crash test, with the EMA and the frozen whitening conv in the state."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from steps import engine
+    from steps.train import TrainConfig, train
+
+    monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0.05, aug="tensor", schedule="warmup_linear",
+                      whiten=True, ema=0.9)
+    real_save = engine.save_checkpoint
+
+    def save_then_crash(path, state):
+        real_save(path, state)
+        raise RuntimeError("killed after epoch 1")
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
+    with pytest.raises(RuntimeError), mlflow.start_run():
+        train(cfg, str(synthetic_data_dir), device="cpu")
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    with mlflow.start_run() as resumed:
+        train(cfg, str(synthetic_data_dir), device="cpu")
+    with mlflow.start_run() as straight:
+        train(cfg, str(synthetic_data_dir), device="cpu")
+
+    client = MlflowClient()
+    assert client.get_run(resumed.info.run_id).data.tags["resumed_from_epoch"] == "1"
+    a, b = (torch.load(client.download_artifacts(run.info.run_id, "weights/state_dict.pt", str(tmp_path / name)),
+                       weights_only=True) for run, name in ((resumed, "a"), (straight, "b")))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "n_averaged" not in a  # the saved weights are the averaged network's own state_dict
+    create_model("fast_net").load_state_dict(a)
+    metrics = [client.get_run(r.info.run_id).data.metrics["test_accuracy"] for r in (resumed, straight)]
+    assert metrics[0] == metrics[1]
