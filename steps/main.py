@@ -102,8 +102,9 @@ def train_and_evaluate(model: str, data_run: str, cfg: PipelineConfig, code: str
     if cfg.max_lr == 0:
         # Passed only when there is one: MLflow stores an empty parameter as its shell quoting
         # (''), which would never compare equal to "" when looking for a run to reuse.
+        # The range test sees the batches training will see: same size, same augmentation.
         train_params["lr_run"] = run_step("find_lr", {"data": data_uri, "model": model, "batch_size": cfg.batch_size,
-                                                      "seed": cfg.seed}, cfg, code)
+                                                      "aug": cfg.aug, "seed": cfg.seed}, cfg, code)
     train_run = run_step("train", train_params, cfg, code)
     eval_run = run_step("evaluate", {"model_uri": train_run, "data": data_uri}, cfg, code)
     accuracy = MlflowClient().get_run(eval_run).data.metrics[TEST_ACCURACY_METRIC]
