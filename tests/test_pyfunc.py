@@ -116,6 +116,16 @@ def test_other_sizes_are_resized_with_the_documented_filter():
     assert np.array_equal(decode_image(encode(pixels)), expected)
 
 
+@pytest.mark.parametrize("size", [(4000, 3000), (640, 480), (300, 200)])
+def test_a_large_jpeg_decoded_at_reduced_scale_stays_within_two_grey_levels_of_the_full_decode(size):
+    photo = np.asarray(Image.fromarray(noise(32, 32)).resize(size, Image.Resampling.BICUBIC)).astype(int)
+    photo = np.clip(photo + np.random.default_rng(0).normal(0, 6, photo.shape), 0, 255).astype(np.uint8)
+    data = encode(photo, "JPEG", quality=90)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), RESAMPLE)).astype(int)
+    difference = np.abs(decode_image(data).astype(int) - full)
+    assert difference.max() <= 2 and difference.mean() < 0.5, (difference.max(), difference.mean())
+
+
 def test_animated_gif_gives_its_first_frame():
     red, blue = (Image.new("RGB", (32, 32), colour) for colour in ((255, 0, 0), (0, 0, 255)))
     data = encode(red, "GIF", save_all=True, append_images=[blue], duration=100, loop=0)
