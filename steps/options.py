@@ -7,6 +7,10 @@ silently truncating it.
 `mlflow run` logs every entry-point parameter itself, as the string it was given ("1e-7",
 "0"), before the step starts; MLflow refuses to log a param twice with another value, so a
 step logs its parsed values (1e-07, 0.0) only where the run does not hold them already.
+
+An empty parameter means "not given" (train's recipe-overridable options; see steps.train):
+`mlflow run` logs it as '' and a step that resolved it to a value logs that as
+`<name>_resolved`, as the run's own `<name>` cannot be changed any more.
 """
 
 import logging
@@ -16,6 +20,23 @@ import click
 import mlflow
 
 log = logging.getLogger(__name__)
+
+
+NOT_GIVEN = ("", "''", '""')  # an empty parameter, and mlflow run's shell quoting of it
+
+
+class OrNotGiven(click.ParamType):
+    """`inner`, or None for the empty string: how MLproject, which must pass every parameter,
+    says that an option was not given."""
+
+    def __init__(self, inner: click.ParamType) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def convert(self, value, param, ctx):
+        if value is None or (isinstance(value, str) and value in NOT_GIVEN):
+            return None
+        return self.inner.convert(value, param, ctx)
 
 
 class WholeNumber(click.ParamType):
@@ -51,9 +72,14 @@ def log_params(params: Mapping[str, object]) -> None:
     """mlflow.log_params for the active run, skipping those `mlflow run` already logged."""
     run = mlflow.active_run()
     logged = mlflow.get_run(run.info.run_id).data.params
+    fresh = {}
     for key in params.keys() & logged.keys():
-        if not _same(logged[key], params[key]):
+        if _same(logged[key], params[key]):
+            continue
+        if logged[key] in NOT_GIVEN:
+            fresh[f"{key}_resolved"] = params[key]
+        else:
             log.warning("param %s: the run holds %r, the step parsed %r; keeping the run's", key, logged[key], params[key])
-    fresh = {k: v for k, v in params.items() if k not in logged}
+    fresh.update({k: v for k, v in params.items() if k not in logged})
     if fresh:
         mlflow.log_params(fresh)

@@ -7,6 +7,17 @@ train_loss, train_accuracy, test_loss, test_accuracy and lr; at the end weights/
 and model_config.json, for evaluate and the registry), model_summary.txt and train_seconds.
 With max_lr 0 and no lr_run, also find_lr's suggested_lr and plots/lr_range_test.png.
 
+Recipes: --recipe names a preset of TrainConfig values (RECIPES): `reference` (the ResNet-9
+recipe: one-cycle, 24 epochs, per-image albumentations), `fast` (for a GPU: fast_net, data and
+augmentation on the device, whitening, EMA, compiled) and `cpu` (fast_net within ~15 minutes
+on a 2-core CPU). A recipe's values replace TrainConfig's defaults; an option given explicitly
+still wins over the recipe. The default, `custom`, is no preset: the options as given and
+TrainConfig's defaults for the rest. An option left out, or given as the empty string, is
+"not given"; MLproject's train entry passes "" for every recipe-overridable parameter it was
+not handed, so `mlflow run . -e train -P recipe=cpu -P epochs=6` is the cpu recipe with 6
+epochs. The run logs the recipe name and the resolved config as params; a parameter the run
+already holds as '' (not given, logged so by mlflow run) gets its value as <name>_resolved.
+
 Resuming: after every epoch the full training state goes to a checkpoint file named by a hash
 of the config and the data digest. Running the same command again after a crash or kill -9
 picks it up, copies the finished epochs' metrics into the new run (so it holds each epoch
@@ -46,7 +57,7 @@ from steps.data import CifarData, load_data
 from steps.errors import StepError
 from steps import find_lr as find_lr_step
 from steps.find_lr import build_model, check_aug, log_range_test, range_test
-from steps.options import WHOLE, log_params
+from steps.options import WHOLE, OrNotGiven, log_params
 from steps.runtime import step_command
 
 log = logging.getLogger(__name__)
@@ -77,6 +88,49 @@ class TrainConfig:
     whiten: bool = False  # first conv set to the patch whitening of WHITEN_IMAGES training images, frozen
     ema: float = 0.0  # per-step decay of an EMA of the weights (0 = off); when on, test metrics and weights are the EMA's
     compile: bool = False  # torch.compile the training forward/backward (pays on CUDA; slow warm-up on a CPU)
+
+
+# Presets of TrainConfig fields (fields not named keep TrainConfig's defaults). SGD is always
+# Nesterov with momentum 0.9, the loss a mean over the batch, weight decay coupled (L2): the
+# conventions of David Page's ResNet-9 recipe, whose peak LR 0.4 at batch 512 the fast ones
+# start from. airbench94 reaches 94% with the equivalent of about 1.0 at batch 1024 (its 11.5
+# per 1024 examples, summed loss, momentum 0.85), but with BatchNorm scales frozen and a
+# decay ~250x smaller, neither of which holds here; so 0.4 per 512 images, scaled linearly.
+RECIPES: dict[str, dict[str, object]] = {
+    "custom": {},
+    # The ResNet-9 reference recipe, spelled out: one-cycle to the peak at epoch 5 of 24,
+    # per-image albumentations, peak LR from a range test (max_lr 0).
+    "reference": {"epochs": 24, "batch_size": 512, "max_lr": 0.0, "optimizer": "sgd", "weight_decay": 5e-4,
+                  "label_smoothing": 0.1, "aug": "reference", "schedule": "one_cycle", "pct_start": 5 / 24,
+                  "div_factor": 25.0, "final_div_factor": 1e4, "whiten": False, "ema": 0.0, "compile": False},
+    # For a GPU: ~10 epochs of 48 steps at batch 1024 (airbench94 trains 9.9). Batched tensor
+    # augmentation on the device (the uint8 set moves there once), 20% warm-up then linear
+    # decay to 0 (airbench's triangle peaks at 23%), label smoothing 0.2 (airbench and Page),
+    # whitened frozen first conv, an EMA with a horizon of ~50 steps (about one epoch),
+    # torch.compile (its warm-up is paid once and reported apart by the benchmark).
+    "fast": {"model": "fast_net", "epochs": 10, "batch_size": 1024, "max_lr": 0.8, "optimizer": "sgd",
+             "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "tensor", "schedule": "warmup_linear",
+             "pct_start": 0.2, "whiten": True, "ema": 0.98, "compile": True},
+    # For the 2-core CPU: bf16 + channels_last make a batch-512 step about 1 s, so ~97 s an
+    # epoch; 8 epochs is ~13 min of steps plus ~15 s of test pass each, inside 15 minutes.
+    # The tensor policy costs far less per batch than per-image albumentations; a longer
+    # warm-up (25%, two epochs) for the smaller batch and the fewer, larger steps per epoch;
+    # the EMA's horizon ~100 steps, again about one epoch. No compile: its warm-up on a CPU
+    # takes minutes and gains little there.
+    "cpu": {"model": "fast_net", "epochs": 8, "batch_size": 512, "max_lr": 0.4, "optimizer": "sgd",
+            "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "tensor", "schedule": "warmup_linear",
+            "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False},
+}
+
+
+def resolve_config(recipe: str, given: dict[str, object]) -> TrainConfig:
+    """TrainConfig from the recipe's values, overridden by every option in `given` that is not
+    None (None = not given). Unknown field names are a programming error, not a user's."""
+    try:
+        preset = RECIPES[recipe]
+    except KeyError:
+        raise StepError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}") from None
+    return TrainConfig(**{**preset, **{k: v for k, v in given.items() if v is not None}})
 
 
 SCHEDULES: dict[str, Callable[[TrainConfig, float, int], Callable[[int], float]]] = {
@@ -198,16 +252,17 @@ def resolve_max_lr(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Op
 
 # --- training ------------------------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str = "auto") -> dict[str, float]:
+def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str = "auto",
+          recipe: str = "custom") -> dict[str, float]:
     """Train, or resume training, under the active MLflow run; log the model. Returns the
-    last epoch's metrics."""
+    last epoch's metrics. `recipe` is only recorded: cfg is already resolved (resolve_config)."""
     validate(cfg)
     hw = engine.hardware(device, precision)
     data = load_data(data_uri)
     key = checkpoint_key(cfg, data.digest)
     folder = checkpoint_root() / key
     run_id = mlflow.active_run().info.run_id
-    log_params({**asdict(cfg), "data": data_uri, "data_digest": data.digest})
+    log_params({**asdict(cfg), "recipe": recipe, "data": data_uri, "data_digest": data.digest})
     mlflow.set_tags({"data_digest": data.digest, "device": str(hw.device), "checkpoint_key": key,
                      "precision": str(hw.autocast or torch.float32).removeprefix("torch.")})
     with exclusive(folder):
@@ -314,27 +369,36 @@ def log_model(model: nn.Module, name: str, data: CifarData) -> None:
     mlflow.log_text(summary(model), SUMMARY)
 
 
+def _default(name: str) -> str:
+    return f"default {getattr(TrainConfig, name)!r}, or the recipe's"
+
+
 @click.command(help=__doc__)
 @click.option("--data", "data_uri", required=True, help="download_data's output: a folder or runs:/<run_id>/data.")
-@click.option("--model", default=TrainConfig.model, show_default=True, help="Architecture name in cifar_models.")
-@click.option("--epochs", default=TrainConfig.epochs, type=WHOLE, show_default=True)
-@click.option("--batch-size", default=TrainConfig.batch_size, type=WHOLE, show_default=True)
-@click.option("--max-lr", default=TrainConfig.max_lr, show_default=True, help="Peak LR; 0 = from --lr-run or a range test.")
+@click.option("--recipe", default="custom", show_default=True, help=f"Preset: {', '.join(RECIPES)}.")
+# The options below default to None, "not given": the recipe's value, else TrainConfig's.
+@click.option("--model", type=OrNotGiven(click.STRING), help=f"Architecture name in cifar_models; {_default('model')}.")
+@click.option("--epochs", type=OrNotGiven(WHOLE), help=_default("epochs"))
+@click.option("--batch-size", type=OrNotGiven(WHOLE), help=_default("batch_size"))
+@click.option("--max-lr", type=OrNotGiven(click.FLOAT), help=f"Peak LR, 0 = from --lr-run or a range test; {_default('max_lr')}.")
 @click.option("--lr-run", default=TrainConfig.lr_run, help="A find_lr run ID whose suggested_lr to use when max-lr is 0.")
-@click.option("--optimizer", default=TrainConfig.optimizer, show_default=True, help="sgd, adam or adamw.")
-@click.option("--weight-decay", default=TrainConfig.weight_decay, show_default=True)
-@click.option("--label-smoothing", default=TrainConfig.label_smoothing, show_default=True)
-@click.option("--aug", default=TrainConfig.aug, show_default=True, help=f"Augmentation policy: {', '.join(POLICIES)}.")
-@click.option("--schedule", default=TrainConfig.schedule, show_default=True, help=f"{', '.join(SCHEDULES)}.")
-@click.option("--pct-start", default=TrainConfig.pct_start, show_default=True)
-@click.option("--div-factor", default=TrainConfig.div_factor, show_default=True)
-@click.option("--final-div-factor", default=TrainConfig.final_div_factor, show_default=True)
+@click.option("--optimizer", type=OrNotGiven(click.STRING), help=f"sgd, adam or adamw; {_default('optimizer')}.")
+@click.option("--weight-decay", type=OrNotGiven(click.FLOAT), help=_default("weight_decay"))
+@click.option("--label-smoothing", type=OrNotGiven(click.FLOAT), help=_default("label_smoothing"))
+@click.option("--aug", type=OrNotGiven(click.STRING), help=f"Augmentation policy: {', '.join(POLICIES)}; {_default('aug')}.")
+@click.option("--schedule", type=OrNotGiven(click.STRING), help=f"{', '.join(SCHEDULES)}; {_default('schedule')}.")
+@click.option("--pct-start", type=OrNotGiven(click.FLOAT), help=_default("pct_start"))
+@click.option("--div-factor", type=OrNotGiven(click.FLOAT), help=_default("div_factor"))
+@click.option("--final-div-factor", type=OrNotGiven(click.FLOAT), help=_default("final_div_factor"))
+@click.option("--whiten", type=OrNotGiven(click.BOOL), help=f"true/false; {_default('whiten')}.")
+@click.option("--ema", type=OrNotGiven(click.FLOAT), help=f"Per-step EMA decay, 0 = off; {_default('ema')}.")
+@click.option("--compile", type=OrNotGiven(click.BOOL), help=f"true/false; {_default('compile')}.")
 @click.option("--seed", default=TrainConfig.seed, type=WHOLE, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu or cuda.")
 @click.option("--precision", default="auto", show_default=True, help="auto (bf16 + channels_last on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32.")
-def cli(data_uri: str, device: str, precision: str, **config) -> None:
+def cli(data_uri: str, recipe: str, device: str, precision: str, **given) -> None:
     with step_command():
-        train(TrainConfig(**config), data_uri, device, precision)
+        train(resolve_config(recipe, given), data_uri, device, precision, recipe)
 
 
 if __name__ == "__main__":

@@ -134,3 +134,37 @@ def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri
     create_model("fast_net").load_state_dict(a)
     metrics = [client.get_run(r.info.run_id).data.metrics["test_accuracy"] for r in (resumed, straight)]
     assert metrics[0] == metrics[1]
+
+
+# --- recipes -----------------------------------------------------------------------------------------
+
+def test_recipe_beats_default_and_an_explicit_option_beats_the_recipe():
+    from steps.train import RECIPES, TrainConfig, resolve_config
+
+    assert resolve_config("custom", {"epochs": None}) == TrainConfig()
+    cpu = resolve_config("cpu", {"epochs": None, "whiten": None})
+    assert (cpu.epochs, cpu.batch_size, cpu.aug, cpu.whiten, cpu.ema) == (8, 512, "tensor", True, 0.99)
+    # Explicit wins even where it equals TrainConfig's default.
+    mixed = resolve_config("cpu", {"epochs": 3, "batch_size": TrainConfig.batch_size, "whiten": False})
+    assert (mixed.epochs, mixed.whiten, mixed.ema) == (3, False, 0.99)
+    assert resolve_config("reference", {}) == TrainConfig()  # today's defaults, spelled out
+    for name in RECIPES:  # every recipe is a valid config
+        from steps.train import validate
+        validate(resolve_config(name, {}))
+
+
+def test_cli_treats_the_empty_string_as_not_given(monkeypatch):
+    from click.testing import CliRunner
+    from steps import train as train_step
+
+    seen = {}
+    monkeypatch.setattr(train_step, "train", lambda cfg, data, device, precision, recipe: seen.update(
+        cfg=cfg, recipe=recipe))
+    args = ["--data", "d", "--recipe", "cpu", "--epochs", "", "--batch-size", "256", "--whiten", "",
+            "--compile", "false", "--ema", "0.0"]
+    result = CliRunner().invoke(train_step.cli, args)
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert (cfg.epochs, cfg.batch_size, cfg.whiten, cfg.compile, cfg.ema, seen["recipe"]) == (8, 256, True, False, 0.0, "cpu")
+    result = CliRunner().invoke(train_step.cli, ["--data", "d", "--recipe", "turbo"])
+    assert result.exit_code != 0 and "unknown recipe 'turbo'; known: custom, reference, fast, cpu" in result.output

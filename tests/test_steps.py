@@ -76,7 +76,9 @@ def test_train_takes_the_suggestion_and_logs_each_epoch_once(pipeline):
     params = run.data.params
     assert float(params["max_lr_used"]) == pipeline["lr_run"].data.metrics["suggested_lr"]
     assert params["max_lr_source"] == f"find_lr run {pipeline['lr_run'].info.run_id}"
-    assert params["model"] == "fast_net" and params["optimizer"] == "sgd" and params["epochs"] == str(EPOCHS)
+    assert params["epochs"] == str(EPOCHS) and params["recipe"] == "custom"
+    # Not passed to mlflow run: logged by it as '' (not given), resolved by train as <name>_resolved.
+    assert params["model"] == "''" and params["model_resolved"] == "fast_net" and params["optimizer_resolved"] == "sgd"
     assert params["data_digest"] == pipeline["lr_run"].data.params["data_digest"]
     for name in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(1, EPOCHS + 1))
