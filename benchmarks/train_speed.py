@@ -1,0 +1,193 @@
+"""Training time-to-accuracy of a train recipe, without MLflow: N seeds, medians and means.
+
+The loop is train's (steps.train._train_locked) with the tracking and the checkpoints taken
+out: the same model build, whitening, optimizer, schedule, EMA, augmentation, batches and
+train_one_epoch. What is timed is the training itself, from the whitening init to the last
+optimizer step, with no test pass in between (train tests after every epoch; this does not,
+so that the figure is the training's alone). The data set is loaded and, where train would,
+moved to the device before the clock starts. With compile, one throwaway model is trained for
+a few steps first and that compile warm-up is reported on its own line.
+
+Timing: time.perf_counter on a CPU; on CUDA, CUDA events around the loop after a synchronize.
+Accuracy: the result network (the EMA's when on) on the test set, plain and with flip and
+flip+shift test-time augmentation (cifar_models.inference.predict_logits).
+
+    python benchmarks/train_speed.py --data <download_data output> --recipe fast --seeds 5
+    python benchmarks/train_speed.py --data <dir> --recipe cpu --seeds 1 --train-limit 2000 --epochs 1
+
+Writes a JSON file (--out) with the machine, the date, the command, the resolved config and
+every seed's figures.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: benchmarks/ is on sys.path, the repository not
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from steps import engine  # noqa: E402
+from steps.augment import build_policy  # noqa: E402
+from steps.data import CifarData, load_data  # noqa: E402
+from steps.find_lr import build_model  # noqa: E402
+from steps.train import EVAL_BATCH, RECIPES, SCHEDULES, WHITEN_IMAGES, TrainConfig, resolve_config, validate  # noqa: E402
+
+WARMUP_STEPS = 5  # compile warm-up: enough steps to compile the training step's graphs
+
+
+class Clock:
+    """Seconds between start() and stop(): CUDA events on a GPU (the device's own time,
+    after a synchronize), time.perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.begin, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        else:
+            self.begin = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            self.end.record()
+            torch.cuda.synchronize()
+            return self.begin.elapsed_time(self.end) / 1000
+        return time.perf_counter() - self.begin
+
+
+def train_seed(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, train_x, train_y,
+               max_steps: int | None = None) -> nn.Module:
+    """train's loop for cfg (max_lr must be set), untracked; returns the result network."""
+    model = build_model(cfg.model, cfg.seed, hw)
+    if cfg.whiten:
+        engine.whiten_first_conv(model, data.train_x[:WHITEN_IMAGES], data.mean, data.std)
+    optimizer = engine.build_optimizer(cfg.optimizer, model, 1.0, cfg.weight_decay)
+    ema = engine.ema_model(model, cfg.ema) if cfg.ema > 0 else None
+    steps_per_epoch = engine.num_batches(len(train_y), cfg.batch_size, drop_last=True)
+    scheduler = engine.lambda_scheduler(
+        optimizer, SCHEDULES[cfg.schedule](cfg, cfg.max_lr, cfg.epochs * steps_per_epoch))
+    step_model = torch.compile(model) if cfg.compile else model
+    policy = build_policy(cfg.aug, data.mean)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    for _ in range(cfg.epochs):
+        batches = engine.iterate_batches(train_x, train_y, cfg.batch_size, generator=generator, drop_last=True,
+                                         augment=policy)
+        if max_steps is not None:
+            batches = (b for i, b in zip(range(max_steps), batches))
+        engine.train_one_epoch(step_model, optimizer, scheduler, batches, mean=data.mean, std=data.std,
+                               loss_fn=loss_fn, hw=hw, augment=policy, generator=generator, ema=ema)
+        if max_steps is not None:
+            break
+    return ema.module if ema is not None else model
+
+
+def machine(hw: engine.Hardware) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(hw.device),
+            "autocast": str(hw.autocast), "channels_last": hw.channels_last}
+    if hw.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(hw.device)
+    return info
+
+
+def run(args: argparse.Namespace) -> dict:
+    hw = engine.hardware(args.device, args.precision)
+    data = load_data(args.data)
+    if args.train_limit:
+        data = replace(data, train_x=data.train_x[:args.train_limit], train_y=data.train_y[:args.train_limit])
+    if args.test_limit:
+        data = replace(data, test_x=data.test_x[:args.test_limit], test_y=data.test_y[:args.test_limit])
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "max_lr": args.max_lr,
+             "compile": {None: None, "true": True, "false": False}[args.compile]}
+    base = resolve_config(args.recipe, given)
+    validate(base)
+    if base.max_lr <= 0:
+        raise SystemExit("this benchmark needs a fixed --max-lr (the recipe's is 0: a range test)")
+    policy = build_policy(base.aug, data.mean)
+    train_x, train_y = data.train_x, data.train_y
+    if hw.device.type == "cuda" and (policy is None or policy.on_device):
+        train_x, train_y = torch.from_numpy(train_x).to(hw.device), torch.from_numpy(train_y).to(hw.device)
+    clock = Clock(hw.device)
+
+    warmup_s = None
+    if base.compile:
+        clock.start()
+        train_seed(replace(base, seed=args.first_seed + 10_000), data, hw, train_x, train_y, max_steps=WARMUP_STEPS)
+        warmup_s = clock.stop()
+        print(f"compile warm-up: {warmup_s:.2f} s ({WARMUP_STEPS} steps of a throwaway model)", flush=True)
+
+    seeds = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        cfg = replace(base, seed=seed)
+        clock.start()
+        net = train_seed(cfg, data, hw, train_x, train_y)
+        seconds = clock.stop()
+        row = {"seed": seed, "train_seconds": seconds}
+        for tta, key in (("none", "test_accuracy"), ("flip", "test_accuracy_flip_tta"),
+                         ("flip_shift", "test_accuracy_tta")):
+            row[key] = engine.evaluate(net, data.test_x, data.test_y, data.mean, data.std,
+                                       batch_size=EVAL_BATCH, tta=tta)[1]
+        seeds.append(row)
+        print(f"seed {seed}: {seconds:.2f} s, test accuracy {row['test_accuracy']:.4f} "
+              f"(flip {row['test_accuracy_flip_tta']:.4f}, flip+shift {row['test_accuracy_tta']:.4f})", flush=True)
+
+    summary = {}
+    for key in ("train_seconds", "test_accuracy", "test_accuracy_flip_tta", "test_accuracy_tta"):
+        values = [row[key] for row in seeds]
+        summary[key] = {"median": statistics.median(values), "mean": statistics.fmean(values),
+                        "min": min(values), "max": max(values)}
+    print(f"{len(seeds)} seed(s), {args.recipe} recipe on {hw.device}: training median "
+          f"{summary['train_seconds']['median']:.2f} s, test accuracy mean {summary['test_accuracy']['mean']:.4f} "
+          f"(flip {summary['test_accuracy_flip_tta']['mean']:.4f}, flip+shift {summary['test_accuracy_tta']['mean']:.4f})")
+    return {"benchmark": "train_speed", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "machine": machine(hw),
+            "recipe": args.recipe, "config": asdict(base), "data": {"uri": args.data, "digest": data.digest,
+            "source": data.source, "train_size": len(data.train_y), "test_size": len(data.test_y)},
+            "compile_warmup_seconds": warmup_s, "seeds": seeds, "summary": summary}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="download_data's output folder")
+    p.add_argument("--recipe", default="fast", choices=[r for r in RECIPES if r != "custom"])
+    p.add_argument("--seeds", type=int, default=5, help="number of seeds, from --first-seed")
+    p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, help="override the recipe's")
+    p.add_argument("--batch-size", type=int, help="override the recipe's")
+    p.add_argument("--max-lr", type=float, help="override the recipe's")
+    p.add_argument("--compile", choices=["true", "false"], help="override the recipe's")
+    p.add_argument("--train-limit", type=int, default=0, help="first N training images only (smoke runs)")
+    p.add_argument("--test-limit", type=int, default=0, help="first N test images only (smoke runs)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--out", type=Path, default=Path("train_speed.json"), help="where the JSON goes")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    result = {"command": " ".join(["python", "benchmarks/train_speed.py", *argv]), **run(args)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
