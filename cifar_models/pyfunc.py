@@ -45,6 +45,11 @@ MAX_PIXELS = 4096 * 4096
 # Pixels per request, the sum over its images: 4 images at MAX_PIXELS. Without it, 256
 # tiny files each declaring 16 M uniform pixels would cost minutes of decoding.
 MAX_REQUEST_PIXELS = 4 * MAX_PIXELS
+# Images per forward pass: a larger request runs in chunks of this size, so what a request
+# holds at a time is one chunk's activations. Measured with 8 clients of 256-image requests
+# on 2 cores: a worker's peak resident memory 1788 MB in one pass, 1035 MB in chunks of 64
+# (what 64-image requests take), with no loss of images/s.
+FORWARD_BATCH = 64
 
 # Only these decoders see request bytes. PIL reads many more formats, some through external
 # programs (EPS runs Ghostscript) or rarely exercised parsers: none of that on untrusted input.
@@ -273,7 +278,7 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict | None = None) -> pd.DataFrame:
         images = images_from_input(model_input)
-        logits = predict_logits(self.network, images, self.spec.mean, self.spec.std)
+        logits = predict_logits(self.network, images, self.spec.mean, self.spec.std, batch_size=FORWARD_BATCH)
         return predictions_frame(logits, self.spec.classes)
 
 
