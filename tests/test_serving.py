@@ -10,10 +10,7 @@ a sitecustomize), so the model must run on the code it carries.
 import base64
 import collections
 import json
-import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,15 +23,14 @@ import numpy as np
 import pytest
 import requests
 import torch
-from mlflow import MlflowClient
 from PIL import Image
 
 import cifar_models.fast_net  # noqa: F401  (registers fast_net)
+from benchmarks import _server
 from cifar_models.inference import ModelSpec, save_network
 from cifar_models.preprocess import CIFAR10_MEAN, CIFAR10_STD, CLASSES
 from cifar_models.pyfunc import MAX_IMAGES, MAX_PIXELS, OUTPUT_COLUMNS
 from cifar_models.registry import create_model
-from steps.package import log_pyfunc_model
 from tests.test_pyfunc import SAVABLE, encode, noise, png_header, reference_probabilities
 
 pytestmark = pytest.mark.slow
@@ -42,19 +38,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "cifar10-served"
 ALIAS = "champion"
-START_TIMEOUT_S = 120
 REQUEST_TIMEOUT_S = 30
-
-# Loaded by every Python process of the server (PYTHONPATH): drops the editable install's
-# finder and path hook, which would otherwise import `steps` and `cifar_models` from the
-# repository.
-HIDE_REPOSITORY = textwrap.dedent("""\
-    import sys
-    editable = lambda f: getattr(f, "__module__", "").startswith("__editable__")
-    sys.meta_path[:] = [f for f in sys.meta_path if not editable(f)]
-    sys.path_hooks[:] = [h for h in sys.path_hooks if not editable(h)]
-    sys.path[:] = [p for p in sys.path if "__editable__" not in p and p.rstrip("/") != {repo!r}]
-""")
 
 
 @dataclass(frozen=True)
@@ -67,80 +51,25 @@ class Server:
     log: Path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_serving(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"server did not answer /ping within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """End the server's whole process group (the mlflow CLI and the uvicorn it execs)."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """models:/<MODEL_NAME>@champion served from tmp by benchmarks/_server.py, which also hides
+    the repository from the server's Python processes."""
     root = tmp_path_factory.mktemp("serving")
     assert REPO not in root.parents
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     torch.manual_seed(0)
     weights = save_network(create_model("fast_net"),
                            ModelSpec(model="fast_net", mean=CIFAR10_MEAN, std=CIFAR10_STD), root / "weights")
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-        mlflow.set_tracking_uri(tracking_uri)
-        try:
-            # Artifacts under tmp too: by default they would land in ./mlruns of the repository.
-            experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
-            with mlflow.start_run(experiment_id=experiment):
-                info = log_pyfunc_model(weights, registered_model_name=MODEL_NAME)
-            MlflowClient().set_registered_model_alias(MODEL_NAME, ALIAS, info.registered_model_version)
-        finally:
-            mlflow.set_tracking_uri(None)
-
-    hide = root / "hide_repository"
-    hide.mkdir()
-    (hide / "sitecustomize.py").write_text(HIDE_REPOSITORY.format(repo=str(REPO)))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "MLFLOW_"))}
-    env.update(MLFLOW_TRACKING_URI=tracking_uri, PYTHONPATH=str(hide), PYTHONUNBUFFERED="1",
-               # `mlflow models serve` runs `uvicorn` from PATH.
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    workdir = root / "workdir"
-    workdir.mkdir()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = root / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}@{ALIAS}",
-             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-            cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    logged = _server.log_model(root, weights, registered_name=MODEL_NAME, alias=ALIAS)
     try:
-        wait_until_serving(process, url, log)
-        yield Server(url=url, model_uri=info.model_uri, weights_dir=weights, env=env, workdir=workdir, log=log)
+        served = _server.start(logged, root)
+    except _server.ServerError as error:
+        pytest.fail(str(error))
+    try:
+        yield Server(url=served.url, model_uri=logged.model_uri, weights_dir=weights, env=served.env,
+                     workdir=served.workdir, log=served.log)
     finally:
-        stop(process)
+        _server.stop(served)
 
 
 # --- requests -----------------------------------------------------------------------------
