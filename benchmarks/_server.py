@@ -175,7 +175,7 @@ def stop(server: Server) -> None:
             process.wait(timeout=10)
 
 
-# --- memory ---------------------------------------------------------------------------------
+# --- processes ---------------------------------------------------------------------------------
 
 def process_tree(pid: int) -> list[int]:
     """pid and its descendants that are alive now, parents before children (Linux /proc)."""
@@ -195,14 +195,17 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS (resident now) and VmHWM (peak resident) of pid in KiB, and its command name;
-    empty if the process is gone."""
+def process_status(pid: int) -> dict:
+    """rss_kb (VmRSS, resident now), hwm_kb (VmHWM, peak resident), anon_kb and file_kb (the
+    resident memory that is the process's own, and that of mapped files such as the shared
+    libraries, which processes share), threads and command of a process, from /proc; empty if
+    it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return {}
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return {"rss_kb": int(fields["VmRSS"].split()[0]), "hwm_kb": int(fields["VmHWM"].split()[0]),
-            "command": cmdline.strip()[:120]}
+    kb = {key: int(fields[name].split()[0]) for key, name in
+          (("rss_kb", "VmRSS"), ("hwm_kb", "VmHWM"), ("anon_kb", "RssAnon"), ("file_kb", "RssFile"))}
+    return {**kb, "threads": int(fields["Threads"]), "command": cmdline.strip()[:120]}

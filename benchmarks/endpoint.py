@@ -12,12 +12,14 @@ same run.
 2. In-process, the raw model on the same images: the pyfunc's own `CifarClassifier.predict`
    on a DataFrame of PNG bytes (decode + preprocess + forward + result frame), and the bare
    forward `predict_logits` on uint8 arrays, at batch 1 and 64, at 1 torch thread, at the
-   server's thread count and at one per core; the best is the baseline. Then the server's path piece
+   server's thread count and at one per core, and batch 64 from one Python thread per core
+   (one torch thread each, as the server runs concurrent requests); the best is the baseline. Then the server's path piece
    by piece on one batch: parse the request (JSON, base64, DataFrame), decode, preprocess,
    forward, result frame, serialise the response, and MLflow's whole `invocations` function.
 3. Over HTTP, from a separate client process (benchmarks/_load.py): one client alone
    (latency), then N concurrent keep-alive clients for D seconds (throughput and latency),
-   at batch 1 and batch 64, while the server's resident memory is sampled from /proc.
+   at batch 1 and batch 64, and last the largest requests allowed (MAX_IMAGES) from every
+   client, while the server's resident memory and threads are sampled from /proc.
 4. The ratios the issue sets as targets, a table, and JSON with the machine, date and command.
 
 Steps 2-3 are repeated (`--repeats`); every figure is reported per repeat and as the median
@@ -63,11 +65,12 @@ import cifar_models  # noqa: E402,F401  (registers the architectures)
 from benchmarks import _load, _server  # noqa: E402
 from cifar_models.inference import ModelSpec, load_network, predict_logits, save_network  # noqa: E402
 from cifar_models.preprocess import CIFAR10_MEAN, CIFAR10_STD, CLASSES, normalize, to_nchw  # noqa: E402
-from cifar_models.pyfunc import images_from_input, predictions_frame, serving_threads  # noqa: E402
+from cifar_models.pyfunc import MAX_IMAGES, images_from_input, predictions_frame, serving_threads  # noqa: E402
 from cifar_models.registry import create_model  # noqa: E402
 
 SHARED_ARCHIVE = Path("/work/shared/data/cifar10-jpeg.tar.gz")  # test/<class>/NNNN.jpg
 BATCHES = (1, 64)
+LARGEST = MAX_IMAGES  # images per request in the memory phase: the most a request may carry
 POOL = 512  # distinct images; requests cycle through them
 SAMPLE_EVERY_S = 0.25  # memory sampling period
 CONTENT_TYPE = "application/json"
@@ -87,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--single-requests", type=int, default=200,
                         help="requests of the one-client phase at batch 1 (batch 64: a fifth)")
     parser.add_argument("--single-seconds", type=float, default=20, help="time limit of each one-client phase")
+    parser.add_argument("--largest-seconds", type=float, default=15,
+                        help=f"seconds of a last phase of {LARGEST}-image requests from all clients, for the "
+                             "server's peak memory (0: skip)")
     parser.add_argument("--raw-repeats", type=int, default=30, help="timed calls per in-process measurement")
     parser.add_argument("--repeats", type=int, default=1, help="repeats of the in-process and HTTP measurements")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers (MLFLOW_MODELS_WORKERS)")
@@ -172,8 +178,37 @@ def median_s(call: Callable[[], object], repeats: int, max_s: float = 20) -> flo
     return statistics.median(times)
 
 
+def parallel_images_per_s(predict: Callable[[pd.DataFrame], object], frames: list[pd.DataFrame],
+                          streams: int, calls: int) -> float:
+    """Images/s of `streams` Python threads each calling predict `calls` times on the frames in
+    turn, with one torch thread each: the raw model using every core the way the server does."""
+    torch.set_num_threads(1)  # read by each new thread at its first parallel region
+    start = threading.Barrier(streams + 1)
+
+    def work(index: int) -> None:
+        start.wait()
+        for k in range(calls):
+            predict(frames[(index + k) % len(frames)])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(streams)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return streams * calls * sum(map(len, frames)) / len(frames) / (time.perf_counter() - began)
+
+
+def forward_only(network: torch.nn.Module, images: np.ndarray, spec: ModelSpec) -> torch.Tensor:
+    x = normalize(to_nchw(images), spec.mean, spec.std)
+    with torch.inference_mode():
+        return network(x)
+
+
 def measure_in_process(pyfunc, pixels: np.ndarray, pngs: list[bytes], bodies: dict[int, bytes],
-                       thread_counts: list[int], server_threads: int, repeats: int) -> dict:
+                       thread_counts: list[int], parallel_streams: list[int], server_threads: int,
+                       repeats: int) -> dict:
     """Raw model (best over thread counts) and the server's path stage by stage, in ms."""
     classifier = pyfunc.unwrap_python_model()
     network, spec = classifier.network, classifier.spec
@@ -183,16 +218,32 @@ def measure_in_process(pyfunc, pixels: np.ndarray, pngs: list[bytes], bodies: di
         torch.set_num_threads(threads)
         for batch in BATCHES:
             frame = pd.DataFrame({"image": pngs[:batch]})
+            calls = repeats * (5 if batch == 1 else 1)
             raw[f"predict_b{batch}_t{threads}_ms"] = 1e3 * median_s(
-                lambda: classifier.predict(None, frame), repeats)
+                lambda: classifier.predict(None, frame), calls)
             raw[f"forward_b{batch}_t{threads}_ms"] = 1e3 * median_s(
-                lambda: predict_logits(network, pixels[:batch], spec.mean, spec.std), repeats)
+                lambda: predict_logits(network, pixels[:batch], spec.mean, spec.std), calls)
     for batch in BATCHES:
         for what in ("predict", "forward"):
             best = min(thread_counts, key=lambda t: raw[f"{what}_b{batch}_t{t}_ms"])
             raw[f"{what}_b{batch}_ms"] = raw[f"{what}_b{batch}_t{best}_ms"]
             raw[f"{what}_b{batch}_threads"] = best
         raw[f"predict_b{batch}_images_per_s"] = batch / raw[f"predict_b{batch}_ms"] * 1e3
+    # Batch 64 from concurrent streams: one per core, and one per HTTP client (on a shared host
+    # more threads also win a larger share of the cores, as the server's thread pool does).
+    # The throughput baseline is the best of these and the best single stream.
+    frames = [pd.DataFrame({"image": pngs[i:i + 64]}) for i in range(0, len(pngs), 64)]
+    for streams in parallel_streams:
+        raw[f"predict_b64_x{streams}_images_per_s"] = statistics.median(
+            parallel_images_per_s(lambda f: classifier.predict(None, f), frames, streams,
+                                  max(2, 4 * repeats // streams)) for _ in range(3))
+    raw["predict_b64_images_per_s"] = max(raw["predict_b64_images_per_s"],
+                                          *(raw[f"predict_b64_x{n}_images_per_s"] for n in parallel_streams))
+    # The single-image forward, the more demanding of predict_logits and the bare network call.
+    raw["forward_b1_server_threads_ms"] = raw[f"forward_b1_t{server_threads}_ms"]
+    torch.set_num_threads(raw["forward_b1_threads"])
+    raw["forward_b1_network_ms"] = 1e3 * median_s(lambda: forward_only(network, pixels[:1], spec), 5 * repeats)
+    raw["forward_b1_ms"] = min(raw["forward_b1_ms"], raw["forward_b1_network_ms"])
 
     torch.set_num_threads(server_threads)  # the stages as the server runs them
     stages: dict = {}
@@ -220,7 +271,7 @@ def measure_in_process(pyfunc, pixels: np.ndarray, pngs: list[bytes], bodies: di
             "pyfunc_predict": lambda: pyfunc.predict(frame),
             "invocations": lambda: invocations(body, CONTENT_TYPE, pyfunc, schema),
         }
-        ms = {name: 1e3 * median_s(call, repeats) for name, call in timed.items()}
+        ms = {name: 1e3 * median_s(call, repeats * (5 if batch == 1 else 1)) for name, call in timed.items()}
         # What MLflow's pyfunc wrapper adds around predict: schema enforcement, copies.
         ms["pyfunc_wrapper"] = ms["pyfunc_predict"] - ms["classifier_predict"]
         stages[f"b{batch}"] = ms
@@ -230,23 +281,32 @@ def measure_in_process(pyfunc, pixels: np.ndarray, pngs: list[bytes], bodies: di
 # --- over HTTP ------------------------------------------------------------------------------
 
 class MemorySampler:
-    """Peak resident memory of the server's processes, sampled from /proc while it runs, and
-    each process's own peak (VmHWM) at the end."""
+    """Peak resident memory (and thread count) of the server's processes, sampled from /proc
+    while it runs, and each process's own peak (VmHWM) at the end."""
 
     def __init__(self, root_pid: int) -> None:
         self.root_pid = root_pid
         self.peak_total_kb = 0
         self.processes: dict[int, dict] = {}
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the sampling thread and report() both sample
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
+        with self._lock:
+            self._sample_locked()
+
+    def _sample_locked(self) -> None:
         total = 0
         for depth, pid in enumerate(_server.process_tree(self.root_pid)):
-            if info := _server.memory_kb(pid):
+            if info := _server.process_status(pid):
                 total += info["rss_kb"]
-                seen = self.processes.setdefault(pid, {"command": info["command"], "peak_rss_kb": 0})
+                seen = self.processes.setdefault(pid, {"command": info["command"], "peak_rss_kb": 0,
+                                                       "peak_threads": 0})
+                if info["rss_kb"] >= seen["peak_rss_kb"]:  # the split of the peak sample
+                    seen.update(anon_kb=info["anon_kb"], file_kb=info["file_kb"])
                 seen["peak_rss_kb"] = max(seen["peak_rss_kb"], info["rss_kb"])
+                seen["peak_threads"] = max(seen["peak_threads"], info["threads"])
                 seen["hwm_kb"] = info["hwm_kb"]
                 seen["root"] = depth == 0
         self.peak_total_kb = max(self.peak_total_kb, total)
@@ -266,9 +326,12 @@ class MemorySampler:
         self._sample()
 
     def report(self) -> dict:
+        self._sample()
         mb = 1 / 1024
         processes = [{"pid": pid, "command": p["command"], "peak_rss_mb": p["peak_rss_kb"] * mb,
-                      "vmhwm_mb": p["hwm_kb"] * mb, "role": "mlflow CLI" if p["root"] else "uvicorn"}
+                      "vmhwm_mb": p["hwm_kb"] * mb, "anon_mb_at_peak": p["anon_kb"] * mb,
+                      "file_mb_at_peak": p["file_kb"] * mb, "peak_threads": p["peak_threads"],
+                      "role": "mlflow CLI" if p["root"] else "uvicorn"}
                      for pid, p in sorted(self.processes.items())]
         workers = [p for p in processes if p["role"] == "uvicorn"]
         return {"processes": processes, "peak_total_rss_mb": self.peak_total_kb * mb,
@@ -287,7 +350,8 @@ def http_phase(url: str, bodies: list[bytes], images: int, clients: int, duratio
     return summary
 
 
-def measure_http(url: str, bodies: dict[int, list[bytes]], args: argparse.Namespace) -> dict:
+def measure_http(url: str, bodies: dict[int, list[bytes]], args: argparse.Namespace,
+                 worker_peak_mb: Callable[[], float]) -> dict:
     out = {}
     for batch in BATCHES:
         count = args.single_requests if batch == 1 else max(10, args.single_requests // 5)
@@ -295,6 +359,10 @@ def measure_http(url: str, bodies: dict[int, list[bytes]], args: argparse.Namesp
     for batch in reversed(BATCHES):
         out[f"concurrent_b{batch}"] = http_phase(url, bodies[batch], batch, args.clients, args.duration,
                                                  max_requests=int(args.duration * 2000))
+    out["worker_peak_mb_before_largest"] = worker_peak_mb()
+    if args.largest_seconds > 0:
+        out[f"concurrent_b{LARGEST}"] = http_phase(url, bodies[LARGEST], LARGEST, args.clients,
+                                                   args.largest_seconds, max_requests=int(args.largest_seconds * 100))
     return out
 
 
@@ -311,6 +379,9 @@ def derive(repeat: dict) -> dict:
         "single_b1_p50_ms": http["single_b1"]["p50_ms"],
         "single_b1_limit_ms": single_limit,
         "single_b1_within": http["single_b1"]["p50_ms"] <= single_limit,
+        # The same with the forward timed at the server's own thread count.
+        "single_b1_limit_server_threads_ms": 2 * raw["forward_b1_server_threads_ms"] + 5,
+        "single_b1_within_server_threads": http["single_b1"]["p50_ms"] <= 2 * raw["forward_b1_server_threads_ms"] + 5,
     }
     for batch in BATCHES:
         s = stages[f"b{batch}"]
@@ -345,8 +416,14 @@ def print_report(result: dict) -> None:
         print(f"  {label:24s}{raw[f'{what}_b1_ms']:7.2f} ms (t{raw[f'{what}_b1_threads']})"
               f"{raw[f'{what}_b64_ms']:9.1f} ms (t{raw[f'{what}_b64_threads']})  "
               f"= {64e3 / raw[f'{what}_b64_ms']:.0f} images/s")
+    for streams in result["config"]["in_process_streams"]:
+        print(f"  {streams} threads of CifarClassifier.predict at batch 64, 1 torch thread each: "
+              f"{raw[f'predict_b64_x{streams}_images_per_s']:.0f} images/s")
+    print(f"  throughput baseline (the best raw figure at batch 64): {raw['predict_b64_images_per_s']:.0f} images/s")
     print("\nover HTTP                 req/s   images/s    p50 ms    p99 ms  requests  errors")
-    for phase in ("single_b1", "single_b64", "concurrent_b1", "concurrent_b64"):
+    for phase in ("single_b1", "single_b64", "concurrent_b1", "concurrent_b64", f"concurrent_b{LARGEST}"):
+        if phase not in http:
+            continue
         h = http[phase]
         clients = 1 if phase.startswith("single") else result["config"]["clients"]
         print(f"  {phase:14s} x{clients:<3d} {h['requests_per_s']:8.1f} {h['images_per_s']:9.0f} "
@@ -363,13 +440,20 @@ def print_report(result: dict) -> None:
     for batch in BATCHES:
         print(f"  batch {batch}: HTTP p50 (one client) - classifier predict = {d[f'http_overhead_b{batch}_ms']:.2f} ms; "
               f"- MLflow's invocations = {d[f'transport_b{batch}_ms']:.2f} ms (uvicorn, asyncio, client)")
-    print(f"\nserver memory: worker peak {mem['worker_peak_mb']:.0f} MB (target < 1536), all processes "
-          f"{mem['peak_total_rss_mb']:.0f} MB")
+    print(f"\nserver memory over the whole run: worker peak {mem['worker_peak_mb']:.0f} MB (target < 1536), "
+          f"all processes {mem['peak_total_rss_mb']:.0f} MB; worker peak before the first {LARGEST}-image "
+          f"phase {result['repeats'][0]['http']['worker_peak_mb_before_largest']:.0f} MB")
+    for p in mem["processes"]:
+        print(f"  {p['role']:10s} pid {p['pid']}: peak {p['vmhwm_mb']:.0f} MB ({p['anon_mb_at_peak']:.0f} MB its "
+              f"own, {p['file_mb_at_peak']:.0f} MB mapped files), {p['peak_threads']} threads")
     print("\ntargets")
     print(f"  HTTP images/s at batch 64, {result['config']['clients']} clients / raw predict images/s: "
           f"{d['throughput_ratio_b64']:.2f} (target >= 0.70; one client: {d['single_client_ratio_b64']:.2f})")
-    print(f"  single-image HTTP p50 {d['single_b1_p50_ms']:.2f} ms vs 2 x forward + 5 = "
-          f"{d['single_b1_limit_ms']:.2f} ms: {'within' if d['single_b1_within'] else 'NOT within'}")
+    print(f"  single-image HTTP p50 {d['single_b1_p50_ms']:.2f} ms vs 2 x best forward + 5 = "
+          f"{d['single_b1_limit_ms']:.2f} ms: {'within' if d['single_b1_within'] else 'NOT within'}; "
+          f"vs 2 x forward at the server's {result['config']['server_torch_threads']} thread(s) + 5 = "
+          f"{d['single_b1_limit_server_threads_ms']:.2f} ms: "
+          f"{'within' if d['single_b1_within_server_threads'] else 'NOT within'}")
     print(f"  one worker {mem['worker_peak_mb']:.0f} MB: {'under' if mem['worker_peak_mb'] < 1536 else 'NOT under'} 1.5 GB")
 
 
@@ -385,7 +469,8 @@ def main(args: argparse.Namespace) -> dict:
               "machine": machine(), "git": git_state(), "loadavg_start": loadavg()}
     pixels = load_images(args.images)
     pngs = [png(p) for p in pixels]
-    bodies = {batch: [request_body(pngs[i:i + batch]) for i in range(0, len(pngs), batch)] for batch in BATCHES}
+    bodies = {batch: [request_body(pngs[i:i + batch]) for i in range(0, len(pngs), batch)]
+              for batch in (*BATCHES, LARGEST)}
     server_env = {"MLFLOW_MODELS_WORKERS": str(args.workers)}
     if args.torch_threads:
         server_env["CIFAR_SERVE_TORCH_THREADS"] = str(args.torch_threads)
@@ -399,6 +484,7 @@ def main(args: argparse.Namespace) -> dict:
         "clients": args.clients, "duration_s": args.duration, "repeats": args.repeats, "workers": args.workers,
         "server_torch_threads": server_threads,
         "in_process_threads": sorted({1, server_threads, len(os.sched_getaffinity(0))}),
+        "in_process_streams": sorted({len(os.sched_getaffinity(0)), args.clients}),
     }
     with tempfile.TemporaryDirectory(prefix="endpoint-bench-") as scratch:
         root = Path(scratch)
@@ -414,10 +500,12 @@ def main(args: argparse.Namespace) -> dict:
                 for index in range(args.repeats):
                     print(f"repeat {index + 1}/{args.repeats}: in-process ...", flush=True)
                     in_process = measure_in_process(pyfunc, pixels, pngs, {b: bodies[b][0] for b in BATCHES},
-                                                    result["config"]["in_process_threads"], server_threads,
+                                                    result["config"]["in_process_threads"],
+                                                    result["config"]["in_process_streams"], server_threads,
                                                     args.raw_repeats)
                     print(f"repeat {index + 1}/{args.repeats}: HTTP ...", flush=True)
-                    repeat = {"in_process": in_process, "http": measure_http(server.url, bodies, args),
+                    http = measure_http(server.url, bodies, args, lambda: memory.report()["worker_peak_mb"])
+                    repeat = {"in_process": in_process, "http": http,
                               "loadavg": loadavg()}
                     repeat["derived"] = derive(repeat)
                     repeats.append(repeat)
