@@ -209,3 +209,21 @@ def process_status(pid: int) -> dict:
     kb = {key: int(fields[name].split()[0]) for key, name in
           (("rss_kb", "VmRSS"), ("hwm_kb", "VmHWM"), ("anon_kb", "RssAnon"), ("file_kb", "RssFile"))}
     return {**kb, "threads": int(fields["Threads"]), "command": cmdline.strip()[:120]}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far (those still alive)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def host_busy_seconds() -> float:
+    """CPU time the whole machine has spent busy (not idle, not waiting on I/O), all cores."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")

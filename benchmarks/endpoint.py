@@ -339,30 +339,37 @@ class MemorySampler:
 
 
 def http_phase(url: str, bodies: list[bytes], images: int, clients: int, duration_s: float,
-               max_requests: int) -> dict:
+               max_requests: int, server_pids: list[int], warmup: int = 3) -> dict:
+    """One load phase; with the cores the server used and the whole host was busy, on average
+    over the phase (a shared host's other work shows in the difference)."""
     plan = {"url": url, "kinds": {f"b{images}": {"images": images, "bodies": bodies, "weight": 1}},
             "clients": clients, "duration_s": duration_s, "max_requests": max_requests,
-            "warmup": 3, "timeout_s": 60, "seed": 0}
+            "warmup": warmup, "timeout_s": 60, "seed": 0}
+    cpu, busy, began = _server.cpu_seconds(server_pids), _server.host_busy_seconds(), time.perf_counter()
     result = _load.run_load(plan)
+    elapsed = time.perf_counter() - began
     summary = _load.summarise(result)["all"]
+    summary["server_cores"] = (_server.cpu_seconds(server_pids) - cpu) / elapsed
+    summary["host_busy_cores"] = (_server.host_busy_seconds() - busy) / elapsed
     summary["wall_s"] = result["wall_s"]
     summary["error_samples"] = result["errors"]
     return summary
 
 
 def measure_http(url: str, bodies: dict[int, list[bytes]], args: argparse.Namespace,
-                 worker_peak_mb: Callable[[], float]) -> dict:
+                 worker_peak_mb: Callable[[], float], server_pids: list[int]) -> dict:
     out = {}
     for batch in BATCHES:
         count = args.single_requests if batch == 1 else max(10, args.single_requests // 5)
-        out[f"single_b{batch}"] = http_phase(url, bodies[batch], batch, 1, args.single_seconds, count)
+        out[f"single_b{batch}"] = http_phase(url, bodies[batch], batch, 1, args.single_seconds, count, server_pids)
     for batch in reversed(BATCHES):
         out[f"concurrent_b{batch}"] = http_phase(url, bodies[batch], batch, args.clients, args.duration,
-                                                 max_requests=int(args.duration * 2000))
+                                                 int(args.duration * 2000), server_pids)
     out["worker_peak_mb_before_largest"] = worker_peak_mb()
     if args.largest_seconds > 0:
         out[f"concurrent_b{LARGEST}"] = http_phase(url, bodies[LARGEST], LARGEST, args.clients,
-                                                   args.largest_seconds, max_requests=int(args.largest_seconds * 100))
+                                                   args.largest_seconds, int(args.largest_seconds * 100), server_pids,
+                                                   warmup=1)
     return out
 
 
@@ -420,14 +427,15 @@ def print_report(result: dict) -> None:
         print(f"  {streams} threads of CifarClassifier.predict at batch 64, 1 torch thread each: "
               f"{raw[f'predict_b64_x{streams}_images_per_s']:.0f} images/s")
     print(f"  throughput baseline (the best raw figure at batch 64): {raw['predict_b64_images_per_s']:.0f} images/s")
-    print("\nover HTTP                 req/s   images/s    p50 ms    p99 ms  requests  errors")
+    print("\nover HTTP                 req/s   images/s    p50 ms    p99 ms  requests  errors   server/host cores")
     for phase in ("single_b1", "single_b64", "concurrent_b1", "concurrent_b64", f"concurrent_b{LARGEST}"):
         if phase not in http:
             continue
         h = http[phase]
         clients = 1 if phase.startswith("single") else result["config"]["clients"]
         print(f"  {phase:14s} x{clients:<3d} {h['requests_per_s']:8.1f} {h['images_per_s']:9.0f} "
-              f"{h['p50_ms']:9.1f} {h['p99_ms']:9.1f} {h['requests']:9.0f} {h['errors']:7.0f}")
+              f"{h['p50_ms']:9.1f} {h['p99_ms']:9.1f} {h['requests']:9.0f} {h['errors']:7.0f}   "
+              f"{h['server_cores']:.2f} / {h['host_busy_cores']:.2f}")
     print("\nwhere the time goes (ms, in-process, server's thread count)")
     names = ("parse_request", "pyfunc_wrapper", "decode", "preprocess", "forward", "result_frame",
              "serialise_response", "invocations")
@@ -504,7 +512,8 @@ def main(args: argparse.Namespace) -> dict:
                                                     result["config"]["in_process_streams"], server_threads,
                                                     args.raw_repeats)
                     print(f"repeat {index + 1}/{args.repeats}: HTTP ...", flush=True)
-                    http = measure_http(server.url, bodies, args, lambda: memory.report()["worker_peak_mb"])
+                    http = measure_http(server.url, bodies, args, lambda: memory.report()["worker_peak_mb"],
+                                        _server.process_tree(server.process.pid))
                     repeat = {"in_process": in_process, "http": http,
                               "loadavg": loadavg()}
                     repeat["derived"] = derive(repeat)
