@@ -98,13 +98,15 @@ def cpu_has_native_bf16() -> bool:
 def hardware(device: str = "auto", precision: str = "auto") -> Hardware:
     """device auto|cpu|cuda[:n]; precision auto|bf16|fp32.
 
-    auto: CUDA if present. On CUDA, bf16 autocast and channels_last. On a CPU with native bf16
+    auto: CUDA if present. On CUDA, bf16 autocast. On a CPU with native bf16
     (cpu_has_native_bf16), the same: fast_net's training step measured 1276 ms in float32 and
     498 ms with bf16 autocast and channels_last on a 2-core AVX512-BF16 EPYC (batch 256, medians
     of 5; bf16 alone 629 ms, channels_last alone 903 ms). On other CPUs bf16 is emulated and
     slower, so plain float32 there. Under autocast BatchNorm still runs in float32 and the loss
-    is taken on float32 logits. channels_last goes with bf16 (on a CPU it pays only together
-    with it, see above) and is always on for CUDA.
+    is taken on float32 logits. channels_last is always on: oneDNN's and cuDNN's convolutions
+    are faster in NHWC whatever the dtype, float32 on an AVX2-only CPU included (0.68x the
+    NCHW step time at batch 512 on a 2-core AVX2 EPYC, 2026-11-21,
+    `benchmarks/step_time.py --batch-sizes 128,256,512,1024`).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,7 +119,7 @@ def hardware(device: str = "auto", precision: str = "auto") -> Hardware:
         bf16 = dev.type == "cuda" or (dev.type == "cpu" and cpu_has_native_bf16())
     else:
         bf16 = precision == "bf16"
-    return Hardware(dev, torch.bfloat16 if bf16 else None, channels_last=bf16 or dev.type == "cuda")
+    return Hardware(dev, torch.bfloat16 if bf16 else None, channels_last=True)
 
 
 def prepare_model(model: nn.Module, hw: Hardware) -> nn.Module:

@@ -395,7 +395,7 @@ def _default(name: str) -> str:
 @click.option("--compile", type=OrNotGiven(click.BOOL), help=f"true/false; {_default('compile')}.")
 @click.option("--seed", default=TrainConfig.seed, type=WHOLE, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu or cuda.")
-@click.option("--precision", default="auto", show_default=True, help="auto (bf16 + channels_last on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32.")
+@click.option("--precision", default="auto", show_default=True, help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32; channels_last always.")
 def cli(data_uri: str, recipe: str, device: str, precision: str, **given) -> None:
     with step_command():
         train(resolve_config(recipe, given), data_uri, device, precision, recipe)

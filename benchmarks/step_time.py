@@ -1,0 +1,90 @@
+"""Time of one training step (forward, backward, SGD step) of a model, by dtype, memory layout
+and batch size, on random data: what `engine.hardware` and the CPU recipe are sized from.
+
+    .venv/bin/python benchmarks/step_time.py --model fast_net --batch-sizes 256,512 --repeats 7
+
+Each configuration runs 2 warm-up steps, then --repeats timed steps (time.perf_counter; CUDA
+synchronised around each step); the median is reported, and the ratio to fp32 NCHW at the same
+batch size is taken from the same run. bf16 rows are skipped on a CPU without native bf16
+unless --all, since oneDNN emulates it there and the figure says nothing about a real choice.
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from cifar_models import create_model  # noqa: E402
+from steps import engine  # noqa: E402
+
+
+def step_seconds(model_name: str, hw: engine.Hardware, batch_size: int, repeats: int) -> list[float]:
+    model = engine.prepare_model(create_model(model_name), hw)
+    optimizer = engine.build_optimizer("sgd", model, 0.01, 5e-4)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2)
+    x = torch.randn(batch_size, 3, 32, 32, device=hw.device)
+    x = x.contiguous(memory_format=torch.channels_last) if hw.channels_last else x
+    labels = torch.randint(0, 10, (batch_size,), device=hw.device)
+    times = []
+    for i in range(2 + repeats):
+        if hw.device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        loss, _ = engine.train_step(model, optimizer, loss_fn, x, labels, hw)
+        loss.item()  # waits for the step on any device
+        if i >= 2:
+            times.append(time.perf_counter() - began)
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="fast_net")
+    p.add_argument("--batch-sizes", default="256,512")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--all", action="store_true", help="bf16 rows even where bf16 is emulated")
+    p.add_argument("--out", type=Path, default=Path("step_time.json"))
+    args = p.parse_args(argv)
+    device = engine.hardware(args.device, "fp32").device
+    native_bf16 = device.type == "cuda" or engine.cpu_has_native_bf16()
+    layouts = [(None, False), (None, True)]
+    if native_bf16 or args.all:
+        layouts += [(torch.bfloat16, False), (torch.bfloat16, True)]
+    rows = []
+    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        base = None
+        for dtype, channels_last in layouts:
+            hw = engine.Hardware(device, dtype, channels_last)
+            median = statistics.median(step_seconds(args.model, hw, batch_size, args.repeats))
+            base = base or median
+            row = {"batch_size": batch_size, "autocast": str(dtype).removeprefix("torch."),
+                   "channels_last": channels_last, "median_ms": 1000 * median, "vs_fp32_nchw": median / base,
+                   "ms_per_image": 1000 * median / batch_size}
+            rows.append(row)
+            print(f"batch {batch_size:4d}  {row['autocast']:8s} channels_last={channels_last!s:5s} "
+                  f"{row['median_ms']:8.1f} ms  x{row['vs_fp32_nchw']:.2f} of fp32 NCHW", flush=True)
+    result = {"benchmark": "step_time", "command": " ".join(["python", "benchmarks/step_time.py", *(argv or sys.argv[1:])]),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+                          "native_bf16": native_bf16},
+              "model": args.model, "repeats": args.repeats, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
