@@ -78,7 +78,7 @@ def test_whitening_skips_a_model_without_a_whitening_conv():
 
 # --- the weight average ------------------------------------------------------------------------------
 
-def test_ema_follows_the_weights_at_its_decay_and_averages_batchnorm_stats():
+def test_ema_follows_the_weights_at_its_warmed_up_decay_and_averages_batchnorm_stats():
     from steps import engine
 
     torch.manual_seed(0)
@@ -91,12 +91,30 @@ def test_ema_follows_the_weights_at_its_decay_and_averages_batchnorm_stats():
         for p in model.parameters():
             p.add_(1.0)
         model(torch.randn(8, 4) * 3 + 5)  # moves the running statistics
-    ema.update_parameters(model)
+    ema.update_parameters(model)  # the first average: decay (1 + 1) / (10 + 1), not 0.9 yet
+    d = 2 / 11
     for a, p0, p in zip(ema.module.parameters(), start, model.parameters()):
-        assert torch.allclose(a, 0.9 * p0 + 0.1 * p)  # 10% of the way from the old weights to the new
+        assert torch.allclose(a, d * p0 + (1 - d) * p)
     bn, bn_ema = model[1], ema.module[1]
-    assert torch.allclose(bn_ema.running_mean, 0.1 * bn.running_mean)  # the average started at 0
+    assert torch.allclose(bn_ema.running_mean, (1 - d) * bn.running_mean)  # the average started at 0
+    assert bn_ema.num_batches_tracked == bn.num_batches_tracked
     assert ema.module is not model and not torch.equal(ema.module[0].weight, model[0].weight)
+    for _ in range(200):  # past the warm-up the decay is the one asked for
+        ema.update_parameters(model)
+    before = [a.clone() for a in ema.module.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update_parameters(model)
+    for a, b, p in zip(ema.module.parameters(), before, model.parameters()):
+        assert torch.allclose(a, 0.9 * b + 0.1 * p)
+
+
+def test_ema_decay_warms_up_to_its_cap():
+    from steps.engine import ema_decay_at
+
+    assert ema_decay_at(0.99, 1) == 2 / 11 and ema_decay_at(0.99, 80) == 81 / 90
+    assert ema_decay_at(0.99, 10_000) == 0.99 and ema_decay_at(0.5, 20) == 0.5
 
 
 def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
