@@ -111,13 +111,17 @@ RECIPES: dict[str, dict[str, object]] = {
     "fast": {"model": "fast_net", "epochs": 10, "batch_size": 1024, "max_lr": 0.8, "optimizer": "sgd",
              "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "tensor", "schedule": "warmup_linear",
              "pct_start": 0.2, "whiten": True, "ema": 0.98, "compile": True},
-    # For the 2-core CPU: bf16 + channels_last make a batch-512 step about 1 s, so ~97 s an
-    # epoch; 8 epochs is ~13 min of steps plus ~15 s of test pass each, inside 15 minutes.
-    # The tensor policy costs far less per batch than per-image albumentations; a longer
-    # warm-up (25%, two epochs) for the smaller batch and the fewer, larger steps per epoch;
-    # the EMA's horizon ~100 steps, again about one epoch. No compile: its warm-up on a CPU
-    # takes minutes and gains little there.
-    "cpu": {"model": "fast_net", "epochs": 8, "batch_size": 512, "max_lr": 0.4, "optimizer": "sgd",
+    # For a 2-core CPU, about 12 minutes on an AVX2-only one: there a training step of
+    # fast_net costs ~6.6 ms an image in float32 + channels_last at any batch from 128 to 512
+    # (benchmarks/step_time.py), so an epoch is ~330 s plus ~20 s of test pass, and two
+    # epochs are what fits in 15 minutes. In so few epochs more, smaller steps learn more for
+    # the same time: on 10,000 images for 2 epochs, batch 128 at LR 0.1 tested 59.6% where
+    # batch 512 at 0.4 tested 44.2%, and 0.2 at batch 128 61.6% (benchmarks/train_speed.py,
+    # 2026-11-21). The tensor policy costs far less per batch than per-image albumentations;
+    # whitening and an EMA (its decay warms up, see engine.ema_decay_at) as in `fast`. No
+    # compile: its warm-up on a CPU takes minutes and gains little there. On a CPU with native
+    # bf16 a step is ~2.5x faster, so this recipe takes ~5 minutes there; give more epochs.
+    "cpu": {"model": "fast_net", "epochs": 2, "batch_size": 128, "max_lr": 0.2, "optimizer": "sgd",
             "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "tensor", "schedule": "warmup_linear",
             "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False},
 }
