@@ -1,6 +1,7 @@
 """main: the whole pipeline, raw data to a registered model with `champion` decided.
 
-Runs download_data, then for each model find_lr (only when max_lr is 0), train and evaluate,
+Runs download_data, then for each model find_lr (only when the recipe's max_lr, or the one
+given, is 0), train and evaluate,
 each as its own MLflow run nested under this one and started through the MLflow Projects API
 with this run's environment manager. A step that already finished with the same parameters,
 the same code and the same upstream runs is reused rather than run again. At the end the most
@@ -24,8 +25,9 @@ from steps import registry
 from steps.artifacts import DATA_DIR, TEST_ACCURACY_METRIC, WEIGHTS_DIR
 from steps.data import load_data
 from steps.errors import StepError
-from steps.options import WHOLE, log_params
+from steps.options import WHOLE, OrNotGiven, log_params
 from steps.runtime import ERROR_TAG, step_command
+from steps.train import resolve_config
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,12 @@ CODE_TAG = "pipeline.code_version"
 class PipelineConfig:
     source: str = "cifar10"  # download_data's source: cifar10, synthetic, or a local copy
     models: tuple[str, ...] = ("custom_resnet",)  # architectures to train and compare
-    epochs: int = 24  # the reference recipe: 24 epochs of one-cycle
-    batch_size: int = 512
-    max_lr: float = 0.0  # 0 = run find_lr for each model and take its suggestion
-    aug: str = "reference"  # augmentation policy name, see steps.augment
+    recipe: str = "reference"  # train's preset (steps.train.RECIPES): 24 epochs of one-cycle, LR from find_lr
+    # None = the recipe's value; one given here wins over the recipe, for every model.
+    epochs: int | None = None
+    batch_size: int | None = None
+    max_lr: float | None = None  # 0 = run find_lr for each model and take its suggestion
+    aug: str | None = None  # augmentation policy name, see steps.augment
     seed: int = 0
     train_limit: int = 0  # class-balanced subset sizes, 0 = all
     test_limit: int = 0
@@ -95,16 +99,29 @@ def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> 
     return submitted.run_id
 
 
+def step_params(model: str, data_uri: str, cfg: PipelineConfig) -> tuple[dict, dict | None]:
+    """(train's parameters, find_lr's or None when the resolved recipe has a fixed max_lr).
+
+    train gets the recipe and only the options given to main, so that train resolves them as
+    it would from the command line. Options not given are not passed at all: MLflow stores an
+    empty parameter as its shell quoting (''), which would never compare equal to "" when
+    looking for a run to reuse. find_lr sees the batches training will see: the resolved
+    batch size and augmentation."""
+    given = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_lr": cfg.max_lr, "aug": cfg.aug}
+    resolved = resolve_config(cfg.recipe, {"model": model, **given})
+    train_params = {"data": data_uri, "recipe": cfg.recipe, "model": model, "seed": cfg.seed,
+                    **{k: v for k, v in given.items() if v is not None}}
+    if resolved.max_lr > 0:
+        return train_params, None
+    return train_params, {"data": data_uri, "model": model, "batch_size": resolved.batch_size,
+                          "aug": resolved.aug, "seed": cfg.seed}
+
+
 def train_and_evaluate(model: str, data_run: str, cfg: PipelineConfig, code: str) -> registry.Candidate:
     data_uri = f"runs:/{data_run}/{DATA_DIR}"
-    train_params = {"data": data_uri, "model": model, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-                    "max_lr": cfg.max_lr, "aug": cfg.aug, "seed": cfg.seed}
-    if cfg.max_lr == 0:
-        # Passed only when there is one: MLflow stores an empty parameter as its shell quoting
-        # (''), which would never compare equal to "" when looking for a run to reuse.
-        # The range test sees the batches training will see: same size, same augmentation.
-        train_params["lr_run"] = run_step("find_lr", {"data": data_uri, "model": model, "batch_size": cfg.batch_size,
-                                                      "aug": cfg.aug, "seed": cfg.seed}, cfg, code)
+    train_params, find_lr_params = step_params(model, data_uri, cfg)
+    if find_lr_params is not None:
+        train_params["lr_run"] = run_step("find_lr", find_lr_params, cfg, code)
     train_run = run_step("train", train_params, cfg, code)
     eval_run = run_step("evaluate", {"model_uri": train_run, "data": data_uri}, cfg, code)
     accuracy = MlflowClient().get_run(eval_run).data.metrics[TEST_ACCURACY_METRIC]
@@ -141,7 +158,9 @@ def run_pipeline(cfg: PipelineConfig) -> tuple[str, bool]:
     unknown = [m for m in cfg.models if m not in list_models()]
     if unknown or not cfg.models:
         raise StepError(f"unknown model(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(list_models())}")
-    log_params({k: ",".join(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()})
+    resolve_config(cfg.recipe, {})  # an unknown recipe stops here, before any step
+    # None (not given) is logged as "", as mlflow run logged the empty parameter.
+    log_params({k: ",".join(v) if isinstance(v, tuple) else "" if v is None else v for k, v in asdict(cfg).items()})
     code = code_version()
     mlflow.set_tag(CODE_TAG, code)
     data_run = run_step("download_data", {"source": cfg.source, "train_limit": cfg.train_limit,
@@ -157,10 +176,12 @@ def run_pipeline(cfg: PipelineConfig) -> tuple[str, bool]:
 @click.command(help=__doc__)
 @click.option("--source", default=PipelineConfig.source, show_default=True)
 @click.option("--models", default=",".join(PipelineConfig.models), show_default=True, help="Comma-separated model names.")
-@click.option("--epochs", type=WHOLE, default=PipelineConfig.epochs, show_default=True)
-@click.option("--batch-size", type=WHOLE, default=PipelineConfig.batch_size, show_default=True)
-@click.option("--max-lr", default=PipelineConfig.max_lr, show_default=True, help="0 = find it with find_lr.")
-@click.option("--aug", default=PipelineConfig.aug, show_default=True)
+@click.option("--recipe", default=PipelineConfig.recipe, show_default=True, help="train's preset: reference, cpu, fast or custom.")
+# Empty = not given: the recipe's value.
+@click.option("--epochs", type=OrNotGiven(WHOLE), help="The recipe's when empty.")
+@click.option("--batch-size", type=OrNotGiven(WHOLE), help="The recipe's when empty.")
+@click.option("--max-lr", type=OrNotGiven(click.FLOAT), help="0 = find it with find_lr; the recipe's when empty.")
+@click.option("--aug", type=OrNotGiven(click.STRING), help="The recipe's when empty.")
 @click.option("--seed", type=WHOLE, default=PipelineConfig.seed, show_default=True)
 @click.option("--train-limit", type=WHOLE, default=PipelineConfig.train_limit, show_default=True)
 @click.option("--test-limit", type=WHOLE, default=PipelineConfig.test_limit, show_default=True)

@@ -9,7 +9,7 @@ With max_lr 0 and no lr_run, also find_lr's suggested_lr and plots/lr_range_test
 
 Recipes: --recipe names a preset of TrainConfig values (RECIPES): `reference` (the ResNet-9
 recipe: one-cycle, 24 epochs, per-image albumentations), `fast` (for a GPU: fast_net, data and
-augmentation on the device, whitening, EMA, compiled) and `cpu` (fast_net within ~15 minutes
+augmentation on the device, whitening, EMA, compiled) and `cpu` (fast_net_small within ~15 minutes
 on a 2-core CPU). A recipe's values replace TrainConfig's defaults; an option given explicitly
 still wins over the recipe. The default, `custom`, is no preset: the options as given and
 TrainConfig's defaults for the rest. An option left out, or given as the empty string, is
@@ -111,17 +111,18 @@ RECIPES: dict[str, dict[str, object]] = {
     "fast": {"model": "fast_net", "epochs": 10, "batch_size": 1024, "max_lr": 0.8, "optimizer": "sgd",
              "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "tensor", "schedule": "warmup_linear",
              "pct_start": 0.2, "whiten": True, "ema": 0.98, "compile": True},
-    # For a 2-core CPU, about 12 minutes on an AVX2-only one: there a training step of
-    # fast_net costs ~6.6 ms an image in float32 + channels_last at any batch from 128 to 512
-    # (benchmarks/step_time.py), so an epoch is ~330 s plus ~20 s of test pass, and two
-    # epochs are what fits in 15 minutes. In so few epochs more, smaller steps learn more for
-    # the same time: on 10,000 images for 2 epochs, batch 128 at LR 0.1 tested 59.6% where
-    # batch 512 at 0.4 tested 44.2%, and 0.2 at batch 128 61.6% (benchmarks/train_speed.py,
-    # 2026-11-21). The tensor policy costs far less per batch than per-image albumentations;
-    # whitening and an EMA (its decay warms up, see engine.ema_decay_at) as in `fast`. No
-    # compile: its warm-up on a CPU takes minutes and gains little there. On a CPU with native
-    # bf16 a step is ~2.5x faster, so this recipe takes ~5 minutes there; give more epochs.
-    "cpu": {"model": "fast_net", "epochs": 2, "batch_size": 128, "max_lr": 0.2, "optimizer": "sgd",
+    # For a 2-core CPU: about 14 minutes of training on an AVX2-only one. There fast_net's
+    # training step costs ~6.5 ms an image in float32 + channels_last at any batch from 128
+    # to 512 (benchmarks/step_time.py), so an epoch is ~330 s and only two fit in 15 minutes
+    # (81.3% on the full data, README); fast_net_small costs ~2.2 ms an image, and seven of its
+    # epochs fit. In so few epochs more, smaller steps learn more for the same time: on 10,000
+    # images for 2 epochs of fast_net, batch 128 at LR 0.1 tested 59.6% where batch 512 at 0.4
+    # tested 44.2%, and 0.2 at batch 128 61.6% (benchmarks/train_speed.py, 2026-11-21). The
+    # tensor policy costs far less per batch than per-image albumentations; whitening and an
+    # EMA (its decay warms up, see engine.ema_decay_at) as in `fast`. No compile: its warm-up
+    # on a CPU takes minutes and gains little there. On a CPU with native bf16 a step is ~2.5x
+    # faster: give more epochs, or fast_net, there.
+    "cpu": {"model": "fast_net_small", "epochs": 7, "batch_size": 128, "max_lr": 0.2, "optimizer": "sgd",
             "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "tensor", "schedule": "warmup_linear",
             "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False},
 }

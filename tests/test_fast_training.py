@@ -161,7 +161,7 @@ def test_recipe_beats_default_and_an_explicit_option_beats_the_recipe():
 
     assert resolve_config("custom", {"epochs": None}) == TrainConfig()
     cpu = resolve_config("cpu", {"epochs": None, "whiten": None})
-    assert (cpu.epochs, cpu.batch_size, cpu.aug, cpu.whiten, cpu.ema) == (2, 128, "tensor", True, 0.99)
+    assert (cpu.model, cpu.epochs, cpu.batch_size, cpu.aug, cpu.whiten, cpu.ema) == ("fast_net_small", 7, 128, "tensor", True, 0.99)
     # Explicit wins even where it equals TrainConfig's default.
     mixed = resolve_config("cpu", {"epochs": 3, "batch_size": TrainConfig.batch_size, "whiten": False})
     assert (mixed.epochs, mixed.whiten, mixed.ema) == (3, False, 0.99)
@@ -183,6 +183,6 @@ def test_cli_treats_the_empty_string_as_not_given(monkeypatch):
     result = CliRunner().invoke(train_step.cli, args)
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
-    assert (cfg.epochs, cfg.batch_size, cfg.whiten, cfg.compile, cfg.ema, seen["recipe"]) == (2, 256, True, False, 0.0, "cpu")
+    assert (cfg.epochs, cfg.batch_size, cfg.whiten, cfg.compile, cfg.ema, seen["recipe"]) == (7, 256, True, False, 0.0, "cpu")
     result = CliRunner().invoke(train_step.cli, ["--data", "d", "--recipe", "turbo"])
     assert result.exit_code != 0 and "unknown recipe 'turbo'; known: custom, reference, fast, cpu" in result.output

@@ -72,4 +72,27 @@ def test_pipeline_registers_reuses_and_reports_failures(tmp_path, tracking_uri):
 def test_unknown_model_is_refused_before_any_step(tmp_path, tracking_uri):
     result = run_main(tmp_path, tracking_uri, models="fast_net,no_such_net")
     assert result.returncode != 0
-    assert "Error: unknown model(s) no_such_net; known: custom_resnet, fast_net, resnet18, separable_net" in result.stderr
+    assert "Error: unknown model(s) no_such_net; known: custom_resnet, fast_net, fast_net_small, resnet18, separable_net" in result.stderr
+
+
+def test_step_params_pass_the_recipe_and_only_the_options_given():
+    from steps.main import PipelineConfig, step_params
+
+    # The reference recipe has no fixed LR: find_lr runs, on training's batch size and policy.
+    train, find_lr = step_params("fast_net", "runs:/d/data", PipelineConfig())
+    assert train == {"data": "runs:/d/data", "recipe": "reference", "model": "fast_net", "seed": 0}
+    assert (find_lr["batch_size"], find_lr["aug"], find_lr["model"]) == (512, "reference", "fast_net")
+    # cpu has its own LR: no find_lr; an option given to main reaches train, the rest do not.
+    train, find_lr = step_params("fast_net", "d", PipelineConfig(recipe="cpu", epochs=1))
+    assert find_lr is None and train["recipe"] == "cpu" and train["epochs"] == 1
+    assert "batch_size" not in train and "max_lr" not in train
+    # max_lr 0 given over a recipe that has one: find_lr, with the recipe's batches.
+    _, find_lr = step_params("fast_net", "d", PipelineConfig(recipe="cpu", max_lr=0.0))
+    assert (find_lr["batch_size"], find_lr["aug"]) == (128, "tensor")
+
+
+def test_unknown_recipe_is_refused_before_any_step(tmp_path, tracking_uri):
+    result = run_main(tmp_path, tracking_uri, recipe="turbo")
+    assert result.returncode != 0
+    assert "Error: unknown recipe 'turbo'; known: custom, reference, fast, cpu" in result.stderr
+    assert "download_data: starting" not in result.stderr

@@ -9,14 +9,14 @@ from cifar_models.registry import create_model, list_models, register_model
 from cifar_models.separable_net import receptive_field
 from cifar_models.summary import summary
 
-MODELS = ["custom_resnet", "fast_net", "resnet18", "separable_net"]
+MODELS = ["custom_resnet", "fast_net", "fast_net_small", "resnet18", "separable_net"]
 
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def test_list_models_is_the_four_architectures_sorted():
+def test_list_models_is_the_five_architectures_sorted():
     assert list_models() == MODELS
 
 
@@ -70,7 +70,8 @@ def test_num_classes(name):
         assert create_model(name, num_classes=100).eval()(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
-@pytest.mark.parametrize("name, expected", [("resnet18", 11_173_962), ("custom_resnet", 6_573_130)])
+@pytest.mark.parametrize("name, expected", [("resnet18", 11_173_962), ("custom_resnet", 6_573_130),
+                                            ("fast_net", 1_972_792), ("fast_net_small", 498_104)])
 def test_exact_parameter_counts(name, expected):
     assert n_params(create_model(name)) == expected
 
