@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def image_grid(images: np.ndarray, titles: Sequence[str], path: Path, ncols: int = 8, title: str = "") -> Path:
@@ -85,6 +86,7 @@ def train_curves_plot(curves: dict[str, tuple[Sequence[float], Sequence[float]]]
         ax.plot(steps, values, marker="o", markersize=3, label=name)
     for ax, ylabel in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.2
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
