@@ -457,11 +457,13 @@ def print_report(result: dict) -> None:
     print("\ntargets")
     print(f"  HTTP images/s at batch 64, {result['config']['clients']} clients / raw predict images/s: "
           f"{d['throughput_ratio_b64']:.2f} (target >= 0.70; one client: {d['single_client_ratio_b64']:.2f})")
+    # Each repeat is judged against its own limit; the medians above need not agree with the count.
+    within = [r["derived"]["single_b1_within"] for r in result["repeats"]]
+    within_threads = [r["derived"]["single_b1_within_server_threads"] for r in result["repeats"]]
     print(f"  single-image HTTP p50 {d['single_b1_p50_ms']:.2f} ms vs 2 x best forward + 5 = "
-          f"{d['single_b1_limit_ms']:.2f} ms: {'within' if d['single_b1_within'] else 'NOT within'}; "
+          f"{d['single_b1_limit_ms']:.2f} ms: within in {sum(within)} of {n} repeats; "
           f"vs 2 x forward at the server's {result['config']['server_torch_threads']} thread(s) + 5 = "
-          f"{d['single_b1_limit_server_threads_ms']:.2f} ms: "
-          f"{'within' if d['single_b1_within_server_threads'] else 'NOT within'}")
+          f"{d['single_b1_limit_server_threads_ms']:.2f} ms: within in {sum(within_threads)} of {n}")
     print(f"  one worker {mem['worker_peak_mb']:.0f} MB: {'under' if mem['worker_peak_mb'] < 1536 else 'NOT under'} 1.5 GB")
 
 

@@ -104,9 +104,9 @@ def hardware(device: str = "auto", precision: str = "auto") -> Hardware:
     of 5; bf16 alone 629 ms, channels_last alone 903 ms). On other CPUs bf16 is emulated and
     slower, so plain float32 there. Under autocast BatchNorm still runs in float32 and the loss
     is taken on float32 logits. channels_last is always on: oneDNN's and cuDNN's convolutions
-    are faster in NHWC whatever the dtype, float32 on an AVX2-only CPU included (0.68x the
-    NCHW step time at batch 512 on a 2-core AVX2 EPYC, 2026-11-21,
-    `benchmarks/step_time.py --batch-sizes 128,256,512,1024`).
+    are faster in NHWC whatever the dtype, float32 on an AVX2-only CPU included (0.67x to 0.81x
+    the NCHW step time at batches 128 to 1024 on a 2-core AVX2 EPYC, 2026-11-21,
+    benchmarks/results/step-time-cpu-2core.json).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -112,7 +112,7 @@ RECIPES: dict[str, dict[str, object]] = {
              "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "tensor", "schedule": "warmup_linear",
              "pct_start": 0.2, "whiten": True, "ema": 0.98, "compile": True},
     # For a 2-core CPU: about 14 minutes of training on an AVX2-only one. There fast_net's
-    # training step costs ~6.5 ms an image in float32 + channels_last at any batch from 128
+    # training step costs 6.5-6.8 ms an image in float32 + channels_last at any batch from 128
     # to 512 (benchmarks/step_time.py), so an epoch is ~330 s and only two fit in 15 minutes
     # (81.3% on the full data, README); fast_net_small costs ~2.2 ms an image, and seven of its
     # epochs fit. In so few epochs more, smaller steps learn more for the same time: on 10,000
