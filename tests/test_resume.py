@@ -149,3 +149,52 @@ def test_a_torn_or_foreign_checkpoint_is_refused_with_its_path(synthetic_data_di
     with pytest.raises(StepError, match="another format or config"):
         with mlflow.start_run():
             train(cfg, str(synthetic_data_dir), device="cpu")
+
+
+def test_retrying_retries_then_reports_without_raising(caplog):
+    from steps.train import retrying
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("store away")
+
+    retrying("flaky", flaky, attempts=4, delay_s=0)
+    assert len(calls) == 3
+    calls.clear()
+
+    def down():
+        calls.append(1)
+        raise ConnectionError("store gone")
+
+    retrying("epoch 1 metrics", down, attempts=3, delay_s=0)
+    assert len(calls) == 3
+    assert "could not log epoch 1 metrics after 3 attempts (store gone); training continues" in caplog.text
+
+
+def test_metric_logging_that_fails_mid_run_does_not_stop_training(synthetic_data_dir, tracking_uri, tmp_path,
+                                                                  monkeypatch, caplog):
+    """The tracking store refuses epoch 1's metrics for good: training goes on, says so, and
+    still ends with its weights logged and epoch 2's metrics in the run."""
+    from steps import train as train_step
+
+    monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    real = mlflow.log_metrics
+
+    def refuse_epoch_1(values, step=None, **kwargs):
+        if step == 1:
+            raise ConnectionError("tracking store unreachable")
+        return real(values, step=step, **kwargs)
+
+    monkeypatch.setattr(train_step.mlflow, "log_metrics", refuse_epoch_1)
+    monkeypatch.setattr(train_step.time, "sleep", lambda s: None)  # no backoff waits in a test
+    cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0.05, aug="none")
+    with mlflow.start_run() as run:
+        train(cfg, str(synthetic_data_dir), device="cpu")
+    client = MlflowClient()
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")]
+    assert steps == [2]
+    assert "could not log epoch 1 metrics" in caplog.text
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "weights")]
