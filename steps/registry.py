@@ -72,6 +72,8 @@ def decide_champion(client: MlflowClient, name: str, version, accuracy: float, t
     none). Returns whether it moved; the decision and both numbers go to the log and the tags."""
     champion = version_or_none(client, name, CHAMPION)
     if champion is None:
+        client.set_model_version_tag(name, version.version, "champion_decision",
+                                     f"promoted: {accuracy:.4f}, no champion before")
         client.set_registered_model_alias(name, CHAMPION, version.version)
         log.info("champion: none yet -> v%s (test accuracy %.4f)", version.version, accuracy)
         return True

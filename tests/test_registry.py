@@ -64,6 +64,7 @@ def test_decide_champion_compares_on_the_same_test_data(client):
     x, y = np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64)
     get = lambda v: client.get_model_version(NAME, v)  # noqa: E731
     assert registry.decide_champion(client, NAME, get(v1), 0.80, "t1", x, y) is True  # no champion yet
+    assert get(v1).tags["champion_decision"] == "promoted: 0.8000, no champion before"
     worse = add_version(client, accuracy=0.70)
     assert registry.decide_champion(client, NAME, get(worse), 0.70, "t1", x, y) is False
     assert champion(client) == v1
