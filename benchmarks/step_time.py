@@ -1,11 +1,11 @@
 """Time of one training step (forward, backward, SGD step) of a model, by dtype, memory layout
 and batch size, on random data: what `engine.hardware` and the CPU recipe are sized from.
 
-    .venv/bin/python benchmarks/step_time.py --model fast_net --batch-sizes 256,512 --repeats 7
+    .venv/bin/python benchmarks/step_time.py --models fast_net,fast_net_small --batch-sizes 256,512 --repeats 7
 
 Each configuration runs 2 warm-up steps, then --repeats timed steps (time.perf_counter; CUDA
 synchronised around each step); the median is reported, and the ratio to fp32 NCHW at the same
-batch size is taken from the same run. bf16 rows are skipped on a CPU without native bf16
+batch size is taken from the same run, as are comparisons between the models named. bf16 rows are skipped on a CPU without native bf16
 unless --all, since oneDNN emulates it there and the figure says nothing about a real choice.
 """
 
@@ -50,7 +50,7 @@ def step_seconds(model_name: str, hw: engine.Hardware, batch_size: int, repeats:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="fast_net")
+    p.add_argument("--models", default="fast_net", help="comma-separated model names")
     p.add_argument("--batch-sizes", default="256,512")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="auto")
@@ -63,24 +63,26 @@ def main(argv: list[str] | None = None) -> dict:
     if native_bf16 or args.all:
         layouts += [(torch.bfloat16, False), (torch.bfloat16, True)]
     rows = []
-    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        base = None
-        for dtype, channels_last in layouts:
-            hw = engine.Hardware(device, dtype, channels_last)
-            median = statistics.median(step_seconds(args.model, hw, batch_size, args.repeats))
-            base = base or median
-            row = {"batch_size": batch_size, "autocast": str(dtype).removeprefix("torch."),
-                   "channels_last": channels_last, "median_ms": 1000 * median, "vs_fp32_nchw": median / base,
-                   "ms_per_image": 1000 * median / batch_size}
-            rows.append(row)
-            print(f"batch {batch_size:4d}  {row['autocast']:8s} channels_last={channels_last!s:5s} "
-                  f"{row['median_ms']:8.1f} ms  x{row['vs_fp32_nchw']:.2f} of fp32 NCHW", flush=True)
+    for model in args.models.split(","):
+        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+            base = None
+            for dtype, channels_last in layouts:
+                hw = engine.Hardware(device, dtype, channels_last)
+                median = statistics.median(step_seconds(model, hw, batch_size, args.repeats))
+                base = base or median
+                row = {"model": model, "batch_size": batch_size, "autocast": str(dtype).removeprefix("torch."),
+                       "channels_last": channels_last, "median_ms": 1000 * median, "vs_fp32_nchw": median / base,
+                       "ms_per_image": 1000 * median / batch_size}
+                rows.append(row)
+                print(f"{model:15s} batch {batch_size:4d}  {row['autocast']:8s} channels_last={channels_last!s:5s} "
+                      f"{row['median_ms']:8.1f} ms  {row['ms_per_image']:5.2f} ms/image  x{row['vs_fp32_nchw']:.2f} "
+                      "of fp32 NCHW", flush=True)
     result = {"benchmark": "step_time", "command": " ".join(["python", "benchmarks/step_time.py", *(argv or sys.argv[1:])]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
                           "native_bf16": native_bf16},
-              "model": args.model, "repeats": args.repeats, "rows": rows}
+              "models": args.models, "repeats": args.repeats, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     return result

@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
         data = replace(data, train_x=data.train_x[:args.train_limit], train_y=data.train_y[:args.train_limit])
     if args.test_limit:
         data = replace(data, test_x=data.test_x[:args.test_limit], test_y=data.test_y[:args.test_limit])
-    given = {"epochs": args.epochs, "batch_size": args.batch_size, "max_lr": args.max_lr,
+    given = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "max_lr": args.max_lr,
              "compile": {None: None, "true": True, "false": False}[args.compile]}
     base = resolve_config(args.recipe, given)
     validate(base)
@@ -167,6 +167,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="fast", choices=[r for r in RECIPES if r != "custom"])
     p.add_argument("--seeds", type=int, default=5, help="number of seeds, from --first-seed")
     p.add_argument("--first-seed", type=int, default=0)
+    p.add_argument("--model", help="override the recipe's")
     p.add_argument("--epochs", type=int, help="override the recipe's")
     p.add_argument("--batch-size", type=int, help="override the recipe's")
     p.add_argument("--max-lr", type=float, help="override the recipe's")

@@ -114,10 +114,12 @@ RECIPES: dict[str, dict[str, object]] = {
     # For a 2-core CPU: about 14 minutes of training on an AVX2-only one. There fast_net's
     # training step costs 6.5-6.8 ms an image in float32 + channels_last at any batch from 128
     # to 512 (benchmarks/step_time.py), so an epoch is ~330 s and only two fit in 15 minutes
-    # (81.3% on the full data, README); fast_net_small costs ~2.2 ms an image, and seven of its
+    # (81.3% on the full data, README); fast_net_small costs ~2.1 ms an image, and seven of its
     # epochs fit. In so few epochs more, smaller steps learn more for the same time: on 10,000
     # images for 2 epochs of fast_net, batch 128 at LR 0.1 tested 59.6% where batch 512 at 0.4
-    # tested 44.2%, and 0.2 at batch 128 61.6% (benchmarks/train_speed.py, 2026-11-21). The
+    # tested 44.2%, and 0.2 at batch 128 61.6% (2026-11-21, one seed each: `benchmarks/
+    # train_speed.py --recipe cpu --model fast_net --epochs 2 --batch-size B --max-lr LR
+    # --train-limit 10000 --test-limit 2000 --seeds 1`). The
     # tensor policy costs far less per batch than per-image albumentations; whitening and an
     # EMA (its decay warms up, see engine.ema_decay_at) as in `fast`. No compile: its warm-up
     # on a CPU takes minutes and gains little there. On a CPU with native bf16 a step is ~2.5x
