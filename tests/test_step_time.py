@@ -1,0 +1,25 @@
+"""A smoke run of benchmarks/step_time.py: two models, one small batch, one timed step each."""
+
+import json
+
+import pytest
+
+from benchmarks import step_time
+
+
+def test_step_time_rows_per_model_and_layout(tmp_path):
+    out = tmp_path / "step_time.json"
+    result = step_time.main(["--models", "fast_net_small,separable_net", "--batch-sizes", "4", "--repeats", "1",
+                             "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    rows = saved["rows"]
+    layouts = 4 if saved["machine"]["native_bf16"] else 2
+    assert [r["model"] for r in rows] == ["fast_net_small"] * layouts + ["separable_net"] * layouts
+    for model in ("fast_net_small", "separable_net"):
+        first, *rest = [r for r in rows if r["model"] == model]
+        assert (first["autocast"], first["channels_last"], first["vs_fp32_nchw"]) == ("None", False, 1.0)
+        for r in rest:
+            assert r["median_ms"] > 0 and r["vs_fp32_nchw"] == pytest.approx(r["median_ms"] / first["median_ms"])
+    assert saved["command"] == "python benchmarks/step_time.py --models fast_net_small,separable_net " \
+                               f"--batch-sizes 4 --repeats 1 --device cpu --out {out}"
