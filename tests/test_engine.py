@@ -240,8 +240,8 @@ def test_huge_lr_fails_the_train_run_and_logs_no_weights(synthetic_data_dir, tra
 
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
     monkeypatch.chdir(tmp_path)  # the SQLite store's artifacts go to ./mlruns
-    # 20 steps at batch 10: the loss overflows within the first epoch on any CPU (at batch 50,
-    # 4 steps, whether it got there depended on the machine's kernels)
+    # 20 steps at batch 10, so the loss overflows within the first epoch: at batch 50 (4 steps)
+    # it did on an AVX512-BF16 CPU but stayed finite on an AVX2 one
     cfg = TrainConfig(epochs=1, batch_size=10, max_lr=1e6, aug="none")
     with pytest.raises(engine.NonFiniteLoss):
         with mlflow.start_run() as run:
