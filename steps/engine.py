@@ -205,12 +205,15 @@ def whiten_first_conv(model: nn.Module, images: np.ndarray, mean: Sequence[float
     return True
 
 
-def ema_decay_at(decay: float, updates: int) -> float:
+def ema_decay_at(decay: float, updates: torch.Tensor | int) -> torch.Tensor:
     """The decay of the `updates`-th average (counted from 1 after the copy): min(decay,
     (1 + n) / (10 + n)), TensorFlow's ExponentialMovingAverage warm-up. Without it a short run
     is mostly its own initial weights: 0.99 ** 194 leaves 14% of the start in the average after
-    the cpu recipe's 194 steps, and a 2-epoch run on 10,000 images tested at chance (10.3%)."""
-    return min(decay, (1 + updates) / (10 + updates))
+    the cpu recipe's 194 steps, and a 2-epoch run on 10,000 images tested at chance (10.3%).
+    A 0-dim float64 tensor on the count's device: computed there, the decay never makes the
+    host wait for a GPU, as reading the count back every step would."""
+    n = torch.as_tensor(updates).double()
+    return ((1 + n) / (10 + n)).clamp(max=decay)
 
 
 def ema_model(model: nn.Module, decay: float) -> AveragedModel:
@@ -223,10 +226,11 @@ def ema_model(model: nn.Module, decay: float) -> AveragedModel:
     """
     @torch.no_grad()
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        d = ema_decay_at(decay, int(n_averaged))
         if torch.is_floating_point(averaged[0]):
-            torch._foreach_lerp_(averaged, current, 1 - d)
-        else:  # BatchNorm's num_batches_tracked: integer, lerp does not take it
+            d = ema_decay_at(decay, n_averaged)
+            torch._foreach_mul_(averaged, d)
+            torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
+        else:  # BatchNorm's num_batches_tracked: integer, nothing to average
             for a, c in zip(averaged, current):
                 a.copy_(c)
 
