@@ -3,10 +3,11 @@ and batch size, on random data: what `engine.hardware` and the CPU recipe are si
 
     .venv/bin/python benchmarks/step_time.py --models fast_net,fast_net_small --batch-sizes 256,512 --repeats 7
 
-Each configuration runs 2 warm-up steps, then --repeats timed steps (time.perf_counter; CUDA
-synchronised around each step); the median is reported, and the ratio to fp32 NCHW at the same
-batch size is taken from the same run, as are comparisons between the models named. bf16 rows are skipped on a CPU without native bf16
-unless --all, since oneDNN emulates it there and the figure says nothing about a real choice.
+Each configuration runs WARMUP untimed steps, then --repeats timed steps (time.perf_counter;
+CUDA synchronised around each step); the median is reported, and the ratio to fp32 NCHW at the
+same batch size is taken from the same run, as are comparisons between the models named. bf16
+rows are skipped on a CPU without native bf16 unless --all, since oneDNN emulates it there and
+the figure says nothing about a real choice.
 """
 
 import argparse
@@ -28,6 +29,8 @@ from torch import nn  # noqa: E402
 from cifar_models import create_model  # noqa: E402
 from steps import engine  # noqa: E402
 
+WARMUP = 2  # steps before timing: oneDNN/cuDNN pick and cache their kernels on the first ones
+
 
 def step_seconds(model_name: str, hw: engine.Hardware, batch_size: int, repeats: int) -> list[float]:
     model = engine.prepare_model(create_model(model_name), hw)
@@ -37,13 +40,13 @@ def step_seconds(model_name: str, hw: engine.Hardware, batch_size: int, repeats:
     x = x.contiguous(memory_format=torch.channels_last) if hw.channels_last else x
     labels = torch.randint(0, 10, (batch_size,), device=hw.device)
     times = []
-    for i in range(2 + repeats):
+    for i in range(WARMUP + repeats):
         if hw.device.type == "cuda":
             torch.cuda.synchronize()
         began = time.perf_counter()
         loss, _ = engine.train_step(model, optimizer, loss_fn, x, labels, hw)
         loss.item()  # waits for the step on any device
-        if i >= 2:
+        if i >= WARMUP:
             times.append(time.perf_counter() - began)
     return times
 
