@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from steps import engine  # noqa: E402
-from steps.augment import build_policy  # noqa: E402
+from steps.augment import POLICIES, build_policy  # noqa: E402
 from steps.data import CifarData, load_data  # noqa: E402
 from steps.find_lr import build_model  # noqa: E402
 from steps.train import EVAL_BATCH, RECIPES, SCHEDULES, WHITEN_IMAGES, TrainConfig, resolve_config, validate  # noqa: E402
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.test_limit:
         data = replace(data, test_x=data.test_x[:args.test_limit], test_y=data.test_y[:args.test_limit])
     given = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "max_lr": args.max_lr,
-             "compile": {None: None, "true": True, "false": False}[args.compile]}
+             "aug": args.aug, "compile": {None: None, "true": True, "false": False}[args.compile]}
     base = resolve_config(args.recipe, given)
     validate(base)
     if base.max_lr <= 0:
@@ -171,6 +171,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="override the recipe's")
     p.add_argument("--batch-size", type=int, help="override the recipe's")
     p.add_argument("--max-lr", type=float, help="override the recipe's")
+    p.add_argument("--aug", choices=sorted(POLICIES), help="override the recipe's")
     p.add_argument("--compile", choices=["true", "false"], help="override the recipe's")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images only (smoke runs)")
     p.add_argument("--test-limit", type=int, default=0, help="first N test images only (smoke runs)")

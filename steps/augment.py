@@ -4,8 +4,9 @@ Two kinds, both on uint8 images, so no float copy of a batch exists before the m
 
 - albumentations policies run on the CPU, one image at a time, on (N, 32, 32, 3) NHWC numpy
   batches as the batch iterator cuts them from the stored set;
-- the `tensor` policy runs on (N, 3, 32, 32) NCHW tensors on whatever device the batch is on,
-  batched with no per-image Python loop, for when CPU-side augmentation would starve a GPU.
+- the tensor policies (`tensor`, `flip_translate`) run on (N, 3, 32, 32) NCHW tensors on
+  whatever device the batch is on, batched with no per-image Python loop, for when CPU-side
+  augmentation would starve a GPU.
 
 Randomness comes from the caller: an albumentations policy is reseeded once per epoch with a
 number drawn from the training generator, and the tensor policy draws from that generator
@@ -53,13 +54,13 @@ class TensorPolicy:
     the borders (the index arithmetic of reflect padding followed by a random crop, done as one
     gather, so no padded copy is made). Cutout fills one `cutout`-sized square per image with
     the data mean; the square's centre may lie near the border, so it is sometimes clipped, as
-    in DeVries & Taylor's original.
+    in DeVries & Taylor's original; cutout 0 leaves it out.
     """
 
     on_device = True
 
-    def __init__(self, mean: Mean, max_shift: int = 2, cutout: int = 8) -> None:
-        self.name = "tensor"
+    def __init__(self, mean: Mean, max_shift: int = 2, cutout: int = 8, name: str = "tensor") -> None:
+        self.name = name
         self.fill = torch.tensor(pixel_mean(mean), dtype=torch.uint8).view(1, 3, 1, 1)
         self.max_shift = max_shift
         self.cutout = cutout
@@ -86,6 +87,8 @@ class TensorPolicy:
         channel = torch.arange(3, device=device)[None, :, None, None]
         out = images[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
+        if self.cutout == 0:
+            return out
         half = self.cutout // 2
         y = torch.arange(h, device=device)[None, :, None]
         x = torch.arange(w, device=device)[None, None, :]
@@ -132,6 +135,10 @@ POLICIES: dict[str, Callable[[Mean], Policy]] = {
     "reference": _reference,
     "separable": _separable,
     "tensor": TensorPolicy,
+    # airbench94's augmentation: flip and translate, no cutout. A short run underfits rather
+    # than overfits, and cutout's extra regularisation costs it accuracy (see the cpu recipe
+    # in steps/train.py).
+    "flip_translate": lambda mean: TensorPolicy(mean, cutout=0, name="flip_translate"),
     "none": lambda mean: None,
 }
 

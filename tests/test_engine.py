@@ -155,7 +155,7 @@ def test_policies_keep_uint8_and_shape(name):
 
 
 def test_unknown_policy_lists_the_known():
-    with pytest.raises(ValueError, match="known: reference, separable, tensor, none"):
+    with pytest.raises(ValueError, match="known: reference, separable, tensor, flip_translate, none"):
         build_policy("mixup", (0.5, 0.5, 0.5))
 
 
@@ -187,6 +187,10 @@ def test_tensor_policy_flips_shifts_and_cuts_out_on_cpu():
         rows, cols = hole.any(1).nonzero(), hole.any(0).nonzero()
         if len(rows):
             assert int(hole.sum()) == len(rows) * len(cols)  # a rectangle, clipped at the border
+    # flip_translate is the same policy without the hole: a flat image comes back unchanged.
+    light = build_policy("flip_translate", mean)
+    assert light.name == "flip_translate" and light.on_device
+    assert torch.equal(light(flat, torch.Generator().manual_seed(3)), flat)
 
 
 # --- one epoch, evaluation, the NaN guard ------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_step_params_pass_the_recipe_and_only_the_options_given():
     assert "batch_size" not in train and "max_lr" not in train
     # max_lr 0 given over a recipe that has one: find_lr, with the recipe's batches.
     _, find_lr = step_params("fast_net", "d", PipelineConfig(recipe="cpu", max_lr=0.0))
-    assert (find_lr["batch_size"], find_lr["aug"]) == (128, "tensor")
+    assert (find_lr["batch_size"], find_lr["aug"]) == (128, "flip_translate")
 
 
 def test_unknown_recipe_is_refused_before_any_step(tmp_path, tracking_uri):
