@@ -1,7 +1,10 @@
 """Time of one training step (forward, backward, SGD step) of a model, by dtype, memory layout
-and batch size, on random data: what `engine.hardware` and the CPU recipe are sized from.
+and batch size, on random data: what `engine.hardware` and the CPU recipe are sized from. With
+--forward, the time of one inference forward (eval mode, torch.inference_mode) instead: what
+`cifar_models.inference.load_network`'s layout is chosen from.
 
     .venv/bin/python benchmarks/step_time.py --models fast_net,fast_net_small --batch-sizes 256,512 --repeats 7
+    .venv/bin/python benchmarks/step_time.py --forward --threads 1 --batch-sizes 1,64,1024 --repeats 15
 
 Each configuration runs WARMUP untimed steps, then --repeats timed steps (time.perf_counter;
 CUDA synchronised around each step); the median is reported, and the ratio to fp32 NCHW at the
@@ -32,20 +35,29 @@ from steps import engine  # noqa: E402
 WARMUP = 2  # steps before timing: oneDNN/cuDNN pick and cache their kernels on the first ones
 
 
-def step_seconds(model_name: str, hw: engine.Hardware, batch_size: int, repeats: int) -> list[float]:
+def step_seconds(model_name: str, hw: engine.Hardware, batch_size: int, repeats: int,
+                 forward_only: bool = False) -> list[float]:
     model = engine.prepare_model(create_model(model_name), hw)
     optimizer = engine.build_optimizer("sgd", model, 0.01, 5e-4)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2)
     x = torch.randn(batch_size, 3, 32, 32, device=hw.device)
     x = x.contiguous(memory_format=torch.channels_last) if hw.channels_last else x
     labels = torch.randint(0, 10, (batch_size,), device=hw.device)
+
+    def step() -> torch.Tensor:
+        if not forward_only:
+            return engine.train_step(model, optimizer, loss_fn, x, labels, hw)[0]
+        with torch.inference_mode(), torch.autocast(hw.device.type, dtype=hw.autocast or torch.float32,
+                                                    enabled=hw.autocast is not None):
+            return model(x).sum()
+
+    model.train(not forward_only)
     times = []
     for i in range(WARMUP + repeats):
         if hw.device.type == "cuda":
             torch.cuda.synchronize()
         began = time.perf_counter()
-        loss, _ = engine.train_step(model, optimizer, loss_fn, x, labels, hw)
-        loss.item()  # waits for the step on any device
+        step().item()  # waits for the step on any device
         if i >= WARMUP:
             times.append(time.perf_counter() - began)
     return times
@@ -58,8 +70,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="auto")
     p.add_argument("--all", action="store_true", help="bf16 rows even where bf16 is emulated")
+    p.add_argument("--forward", action="store_true", help="time an inference forward, not a training step")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--out", type=Path, default=Path("step_time.json"))
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = engine.hardware(args.device, "fp32").device
     native_bf16 = device.type == "cuda" or engine.cpu_has_native_bf16()
     layouts = [(None, False), (None, True)]
@@ -71,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
             base = None
             for dtype, channels_last in layouts:
                 hw = engine.Hardware(device, dtype, channels_last)
-                median = statistics.median(step_seconds(model, hw, batch_size, args.repeats))
+                median = statistics.median(step_seconds(model, hw, batch_size, args.repeats, args.forward))
                 base = base or median
                 row = {"model": model, "batch_size": batch_size, "autocast": str(dtype).removeprefix("torch."),
                        "channels_last": channels_last, "median_ms": 1000 * median, "vs_fp32_nchw": median / base,
@@ -85,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
                           "native_bf16": native_bf16},
-              "models": args.models, "repeats": args.repeats, "rows": rows}
+              "timed": "inference forward" if args.forward else "training step", "models": args.models,
+              "repeats": args.repeats, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     return result

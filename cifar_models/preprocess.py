@@ -27,7 +27,12 @@ CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
 
 def to_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(N, H, W, 3) uint8, the layout of decoded images and of the stored data set,
-    to a (N, 3, H, W) uint8 tensor, the layout the networks take."""
+    to a (N, 3, H, W) uint8 tensor, the layout the networks take.
+
+    A permuted view, not a copy: its strides are channels_last's, and normalize keeps them, so
+    oneDNN runs its NHWC convolutions on the batch whatever the weights' layout. Keep it so: an
+    inference forward in NCHW took 1.6x to 2.0x the NHWC time at batches 64 and 512 on the
+    README's 2-core AVX2 CPU (benchmarks/results/forward-time-cpu-2core-*thread.json)."""
     images = torch.as_tensor(images)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {tuple(images.shape)} {images.dtype}")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks import step_time
 
@@ -23,3 +24,16 @@ def test_step_time_rows_per_model_and_layout(tmp_path):
             assert r["median_ms"] > 0 and r["vs_fp32_nchw"] == pytest.approx(r["median_ms"] / first["median_ms"])
     assert saved["command"] == "python benchmarks/step_time.py --models fast_net_small,separable_net " \
                                f"--batch-sizes 4 --repeats 1 --device cpu --out {out}"
+
+
+def test_step_time_forward_mode_times_inference_at_the_threads_asked(tmp_path):
+    out = tmp_path / "forward.json"
+    threads = torch.get_num_threads()
+    try:
+        saved = step_time.main(["--forward", "--threads", "1", "--models", "fast_net_small", "--batch-sizes", "2",
+                                "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # process-wide: the tests after this one keep their threads
+    assert saved["timed"] == "inference forward" and saved["machine"]["threads"] == 1
+    assert [r["channels_last"] for r in saved["rows"]][:2] == [False, True]
+    assert all(r["median_ms"] > 0 for r in saved["rows"])
