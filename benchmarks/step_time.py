@@ -1,7 +1,7 @@
 """Time of one training step (forward, backward, SGD step) of a model, by dtype, memory layout
 and batch size, on random data: what `engine.hardware` and the CPU recipe are sized from. With
---forward, the time of one inference forward (eval mode, torch.inference_mode) instead: what
-`cifar_models.inference.load_network`'s layout is chosen from.
+--forward, the time of one inference forward (eval mode, torch.inference_mode) instead: why
+`cifar_models.preprocess.to_nchw` hands the networks NHWC-strided batches.
 
     .venv/bin/python benchmarks/step_time.py --models fast_net,fast_net_small --batch-sizes 256,512 --repeats 7
     .venv/bin/python benchmarks/step_time.py --forward --threads 1 --batch-sizes 1,64,1024 --repeats 15

@@ -122,11 +122,12 @@ RECIPES: dict[str, dict[str, object]] = {
     # train_speed.py --recipe cpu --model fast_net --epochs 2 --batch-size B --max-lr LR
     # --train-limit 10000 --test-limit 2000 --seeds 1`). Flip and translate, batched, cost far
     # less per batch than per-image albumentations; cutout is left out, as in airbench94: 3
-    # epochs on 20,000 images tested 75.3% without it and 72.9% with it (one seed each, 2026-11-22, benchmarks/results/train-3ep-20k-*,
-    # `... --recipe cpu --epochs 3 --train-limit 20000 --seeds 1 --aug flip_translate|tensor`).
-    # Whitening and an EMA (its decay warms up, see engine.ema_decay_at) as in `fast`. No
-    # compile: its warm-up on a CPU takes minutes and gains little there. On a CPU with native bf16 a step is ~2.5x
-    # faster: give more epochs, or fast_net, there.
+    # epochs on 20,000 images tested 75.3% without it and 72.9% with it (one seed each,
+    # 2026-11-22: `... --recipe cpu --epochs 3 --train-limit 20000 --seeds 1 --aug
+    # flip_translate|tensor`, benchmarks/results/train-3ep-20k-*). Whitening and an EMA (its
+    # decay warms up, see engine.ema_decay_at) as in `fast`. No compile: its warm-up on a CPU
+    # takes minutes and gains little there. On a CPU with native bf16 a step is ~2.5x faster:
+    # give more epochs, or fast_net, there.
     "cpu": {"model": "fast_net_small", "epochs": 7, "batch_size": 128, "max_lr": 0.2, "optimizer": "sgd",
             "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "flip_translate", "schedule": "warmup_linear",
             "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False},
