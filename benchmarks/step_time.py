@@ -4,7 +4,7 @@ and batch size, on random data: what `engine.hardware` and the CPU recipe are si
 `cifar_models.preprocess.to_nchw` hands the networks NHWC-strided batches.
 
     .venv/bin/python benchmarks/step_time.py --models fast_net,fast_net_small --batch-sizes 256,512 --repeats 7
-    .venv/bin/python benchmarks/step_time.py --forward --threads 1 --batch-sizes 1,64,1024 --repeats 15
+    .venv/bin/python benchmarks/step_time.py --forward --threads 1 --models fast_net,fast_net_small --batch-sizes 1,64,512 --repeats 9
 
 Each configuration runs WARMUP untimed steps, then --repeats timed steps (time.perf_counter;
 CUDA synchronised around each step); the median is reported, and the ratio to fp32 NCHW at the
@@ -47,8 +47,7 @@ def step_seconds(model_name: str, hw: engine.Hardware, batch_size: int, repeats:
     def step() -> torch.Tensor:
         if not forward_only:
             return engine.train_step(model, optimizer, loss_fn, x, labels, hw)[0]
-        with torch.inference_mode(), torch.autocast(hw.device.type, dtype=hw.autocast or torch.float32,
-                                                    enabled=hw.autocast is not None):
+        with torch.inference_mode(), engine.autocast(hw):
             return model(x).sum()
 
     model.train(not forward_only)

@@ -122,6 +122,11 @@ def hardware(device: str = "auto", precision: str = "auto") -> Hardware:
     return Hardware(dev, torch.bfloat16 if bf16 else None, channels_last=True)
 
 
+def autocast(hw: Hardware) -> torch.autocast:
+    """The forward pass's precision context: autocast to hw.autocast, or a no-op in float32."""
+    return torch.autocast(hw.device.type, dtype=hw.autocast or torch.float32, enabled=hw.autocast is not None)
+
+
 def prepare_model(model: nn.Module, hw: Hardware) -> nn.Module:
     model = model.to(hw.device)
     return model.to(memory_format=torch.channels_last) if hw.channels_last else model
@@ -294,7 +299,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.M
                labels: torch.Tensor, hw: Hardware) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward, backward and optimizer step. Returns the mean loss and the number correct,
     as device tensors, so that nothing waits for the device here."""
-    with torch.autocast(hw.device.type, dtype=hw.autocast or torch.float32, enabled=hw.autocast is not None):
+    with autocast(hw):
         logits = model(x)
         loss = loss_fn(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
