@@ -41,7 +41,8 @@ from steps import engine  # noqa: E402
 from steps.augment import POLICIES, build_policy  # noqa: E402
 from steps.data import CifarData, load_data  # noqa: E402
 from steps.find_lr import build_model  # noqa: E402
-from steps.train import EVAL_BATCH, RECIPES, SCHEDULES, WHITEN_IMAGES, TrainConfig, resolve_config, validate  # noqa: E402
+from steps.train import (EVAL_BATCH, RECIPES, SCHEDULES, WHITEN_IMAGES, TrainConfig, epoch_size,  # noqa: E402
+                         resolve_config, validate)
 
 WARMUP_STEPS = 5  # compile warm-up: enough steps to compile the training step's graphs
 
@@ -84,13 +85,14 @@ def train_seed(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, train_x, 
     policy = build_policy(cfg.aug, data.mean)
     generator = torch.Generator().manual_seed(cfg.seed)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    for _ in range(cfg.epochs):
+    for epoch in range(1, cfg.epochs + 1):
         batches = engine.iterate_batches(train_x, train_y, cfg.batch_size, generator=generator, drop_last=True,
                                          augment=policy)
         if max_steps is not None:
             batches = (b for i, b in zip(range(max_steps), batches))
         engine.train_one_epoch(step_model, optimizer, scheduler, batches, mean=data.mean, std=data.std,
-                               loss_fn=loss_fn, hw=hw, augment=policy, generator=generator, ema=ema)
+                               loss_fn=loss_fn, hw=hw, augment=policy, generator=generator, ema=ema,
+                               size=epoch_size(cfg, epoch))
         if max_steps is not None:
             break
     return ema.module if ema is not None else model
@@ -113,7 +115,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.test_limit:
         data = replace(data, test_x=data.test_x[:args.test_limit], test_y=data.test_y[:args.test_limit])
     given = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "max_lr": args.max_lr,
-             "aug": args.aug, "compile": {None: None, "true": True, "false": False}[args.compile]}
+             "aug": args.aug, "compile": {None: None, "true": True, "false": False}[args.compile],
+             "low_res": args.low_res, "low_res_pct": args.low_res_pct}
     base = resolve_config(args.recipe, given)
     validate(base)
     if base.max_lr <= 0:
@@ -173,6 +176,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-lr", type=float, help="override the recipe's")
     p.add_argument("--aug", choices=sorted(POLICIES), help="override the recipe's")
     p.add_argument("--compile", choices=["true", "false"], help="override the recipe's")
+    p.add_argument("--low-res", type=int, help="override the recipe's (0 = full size throughout)")
+    p.add_argument("--low-res-pct", type=float, help="override the recipe's")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images only (smoke runs)")
     p.add_argument("--test-limit", type=int, default=0, help="first N test images only (smoke runs)")
     p.add_argument("--device", default="auto")

@@ -287,12 +287,20 @@ def iterate_batches(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, 
 # --- one epoch of training ---------------------------------------------------------------------------
 
 def _model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], hw: Hardware,
-                 augment: Policy, generator: torch.Generator | None) -> torch.Tensor:
+                 augment: Policy, generator: torch.Generator | None, size: int | None = None) -> torch.Tensor:
     images = images.to(hw.device, non_blocking=True)
     if augment is not None and augment.on_device:
         images = augment(images, generator)
     x = normalize(images, mean, std)
+    if size is not None and size != x.shape[-1]:
+        x = downscale(x, size)
     return x.contiguous(memory_format=torch.channels_last) if hw.channels_last else x
+
+
+def downscale(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Float (N, C, H, W) images resized to size x size, antialiased (without the low-pass
+    filter, a bilinear downscale only samples the image and aliases fine texture)."""
+    return nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, x: torch.Tensor,
@@ -313,8 +321,9 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, mean: Sequence[float],
                     std: Sequence[float], loss_fn: nn.Module, hw: Hardware, augment: Policy = None,
                     generator: torch.Generator | None = None, ema: AveragedModel | None = None,
-                    check_every: int = 20, progress=None) -> tuple[float, float]:
+                    size: int | None = None, check_every: int = 20, progress=None) -> tuple[float, float]:
     """Train on every batch once, stepping the scheduler per batch. Returns (mean loss, accuracy).
+    With `size`, the images are downscaled to size x size after augmentation (engine.downscale).
 
     Losses and correct counts are summed on the device and read back every `check_every`
     batches (and at the end), so the device is not stalled after every step; a NaN or inf in
@@ -328,7 +337,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     seen = i = 0
     for i, (images, labels) in enumerate(batches, start=1):
         labels = labels.to(hw.device, non_blocking=True)
-        x = _model_input(images, mean, std, hw, augment, generator)
+        x = _model_input(images, mean, std, hw, augment, generator, size)
         loss, right = train_step(model, optimizer, loss_fn, x, labels, hw)
         scheduler.step()
         if ema is not None:

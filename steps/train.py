@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -67,6 +68,7 @@ CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_FORMAT = 2  # 2: holds the EMA's state ("ema", None when off)
 EVAL_BATCH = 1024
 WHITEN_IMAGES = 5000  # airbench94's sample: plenty for a 12x12 covariance
+MIN_LOW_RES = 16  # the least side every registered model takes: fast_net's three pools leave 1x1 of it
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ class TrainConfig:
     whiten: bool = False  # first conv set to the patch whitening of WHITEN_IMAGES training images, frozen
     ema: float = 0.0  # per-step decay of an EMA of the weights (0 = off); when on, test metrics and weights are the EMA's
     compile: bool = False  # torch.compile the training forward/backward (pays on CUDA; slow warm-up on a CPU)
+    low_res: int = 0  # side (pixels) the training images are downscaled to in the first epochs; 0 = never
+    low_res_pct: float = 0.0  # fraction of the epochs (rounded down, so never the last) trained at low_res
 
 
 # Presets of TrainConfig fields (fields not named keep TrainConfig's defaults). SGD is always
@@ -102,7 +106,8 @@ RECIPES: dict[str, dict[str, object]] = {
     # per-image albumentations, peak LR from a range test (max_lr 0).
     "reference": {"epochs": 24, "batch_size": 512, "max_lr": 0.0, "optimizer": "sgd", "weight_decay": 5e-4,
                   "label_smoothing": 0.1, "aug": "reference", "schedule": "one_cycle", "pct_start": 5 / 24,
-                  "div_factor": 25.0, "final_div_factor": 1e4, "whiten": False, "ema": 0.0, "compile": False},
+                  "div_factor": 25.0, "final_div_factor": 1e4, "whiten": False, "ema": 0.0, "compile": False,
+                  "low_res": 0, "low_res_pct": 0.0},
     # For a GPU: ~10 epochs of 48 steps at batch 1024 (airbench94 trains 9.9). airbench94's
     # augmentation, flip and translate without cutout, batched on the device (the uint8 set
     # moves there once; cutout cost the short CPU run below 2.4 points), 20% warm-up then linear
@@ -128,9 +133,9 @@ RECIPES: dict[str, dict[str, object]] = {
     # decay warms up, see engine.ema_decay_at) as in `fast`. No compile: its warm-up on a CPU
     # takes minutes and gains little there. On a CPU with native bf16 a step is ~2.5x faster:
     # give more epochs, or fast_net, there.
-    "cpu": {"model": "fast_net_small", "epochs": 7, "batch_size": 128, "max_lr": 0.2, "optimizer": "sgd",
+    "cpu": {"model": "fast_net_small", "epochs": 9, "batch_size": 128, "max_lr": 0.2, "optimizer": "sgd",
             "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "flip_translate", "schedule": "warmup_linear",
-            "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False},
+            "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False, "low_res": 24, "low_res_pct": 5 / 9},
 }
 
 
@@ -165,6 +170,19 @@ def validate(cfg: TrainConfig) -> None:
         raise StepError(f"need epochs >= 1, batch_size >= 1, max_lr >= 0 and 0 <= pct_start <= 1; got {cfg}")
     if not 0 <= cfg.ema < 1:
         raise StepError(f"ema is a per-step decay in [0, 1), 0 = off; got {cfg.ema}")
+    if cfg.low_res != 0 and not MIN_LOW_RES <= cfg.low_res <= 32:
+        raise StepError(f"low_res is a side of {MIN_LOW_RES} to 32 pixels, or 0 = off; got {cfg.low_res}")
+    if not 0 <= cfg.low_res_pct < 1:
+        raise StepError(f"low_res_pct is a fraction of the epochs in [0, 1); got {cfg.low_res_pct}")
+
+
+def epoch_size(cfg: TrainConfig, epoch: int) -> int | None:
+    """The side the training images of `epoch` (counted from 1) are downscaled to, None for
+    none: progressive resizing. The first floor(low_res_pct * epochs) epochs train at low_res,
+    where a step costs about (low_res / 32)^2 of one at full size, and the rest at full size,
+    so that the BatchNorm statistics and the last steps match the test images."""
+    low_epochs = math.floor(cfg.low_res_pct * cfg.epochs + 1e-9)  # 5/9 of 9 epochs is 5, float or not
+    return cfg.low_res if cfg.low_res and epoch <= low_epochs else None
 
 
 # --- checkpoints: where, and under what lock ----------------------------------------------------------
@@ -343,7 +361,7 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
         try:
             train_loss, train_acc = engine.train_one_epoch(
                 step_model, optimizer, scheduler, batches, mean=data.mean, std=data.std, loss_fn=loss_fn, hw=hw,
-                augment=policy, generator=generator, ema=ema, progress=bar)
+                augment=policy, generator=generator, ema=ema, size=epoch_size(cfg, epoch), progress=bar)
         finally:
             bar.close()
         test_loss, test_acc, _ = engine.evaluate(result_model, data.test_x, data.test_y, data.mean, data.std,
@@ -404,6 +422,8 @@ def _default(name: str) -> str:
 @click.option("--whiten", type=OrNotGiven(click.BOOL), help=f"true/false; {_default('whiten')}.")
 @click.option("--ema", type=OrNotGiven(click.FLOAT), help=f"Per-step EMA decay, 0 = off; {_default('ema')}.")
 @click.option("--compile", type=OrNotGiven(click.BOOL), help=f"true/false; {_default('compile')}.")
+@click.option("--low-res", type=OrNotGiven(WHOLE), help=f"Side in pixels of the first epochs' images, 0 = full size; {_default('low_res')}.")
+@click.option("--low-res-pct", type=OrNotGiven(click.FLOAT), help=f"Fraction of the epochs at low-res; {_default('low_res_pct')}.")
 @click.option("--seed", default=TrainConfig.seed, type=WHOLE, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu or cuda.")
 @click.option("--precision", default="auto", show_default=True, help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32; channels_last always.")

@@ -1,5 +1,6 @@
 """The speed recipe's parts on tiny inputs: test-time augmentation, the EMA of the weights,
-the whitening init of the first conv, and how a recipe and explicit options combine."""
+the whitening init of the first conv, progressive resizing, and how a recipe and explicit
+options combine."""
 
 import numpy as np
 import pytest
@@ -118,7 +119,8 @@ def test_ema_decay_warms_up_to_its_cap():
 
 
 def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
-    """As test_resume's crash test, with the EMA and the frozen whitening conv in the state."""
+    """As test_resume's crash test, with the EMA and the frozen whitening conv in the state,
+    and a first epoch at low resolution that the resumed run must not repeat."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -127,7 +129,7 @@ def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri
 
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
     cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0.05, aug="tensor", schedule="warmup_linear",
-                      whiten=True, ema=0.9)
+                      whiten=True, ema=0.9, low_res=24, low_res_pct=0.5)
     real_save = engine.save_checkpoint
 
     def save_then_crash(path, state):
@@ -154,6 +156,52 @@ def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri
     assert metrics[0] == metrics[1]
 
 
+# --- progressive resizing ----------------------------------------------------------------------------
+
+def test_the_first_fraction_of_the_epochs_is_low_res_and_never_the_last():
+    from steps.train import TrainConfig, epoch_size
+
+    def sizes(epochs, **kw):
+        cfg = TrainConfig(epochs=epochs, **kw)
+        return [epoch_size(cfg, epoch) for epoch in range(1, epochs + 1)]
+
+    assert sizes(9, low_res=24, low_res_pct=5 / 9) == [24] * 5 + [None] * 4
+    assert sizes(2, low_res=24, low_res_pct=5 / 9) == [24, None]  # a short smoke run keeps a full-size epoch
+    assert sizes(1, low_res=24, low_res_pct=5 / 9) == [None]
+    assert sizes(4, low_res=0, low_res_pct=0.5) == [None] * 4
+    assert sizes(4, low_res=20, low_res_pct=0.0) == [None] * 4
+
+
+@pytest.mark.parametrize("field, value", [("low_res", 8), ("low_res", 40), ("low_res_pct", 1.0), ("low_res_pct", -0.1)])
+def test_low_res_settings_out_of_range_are_refused(field, value):
+    from steps.errors import StepError
+    from steps.train import TrainConfig, validate
+
+    with pytest.raises(StepError, match=field):
+        validate(TrainConfig(**{field: value}))
+
+
+def test_a_low_res_epoch_feeds_the_model_downscaled_channels_last_images():
+    from steps import engine
+
+    x, y, *_ = synthetic(n_train=64, n_test=0)
+    hw = engine.hardware("cpu", "fp32")
+    model = engine.prepare_model(create_model("fast_net_small"), hw)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    optimizer = engine.build_optimizer("sgd", model, 0.05, 0.0)
+    scheduler = engine.lambda_scheduler(optimizer, lambda step: 0.05)
+    for size in (16, None):
+        engine.train_one_epoch(model, optimizer, scheduler, engine.iterate_batches(x, y, 32), mean=MEAN, std=STD,
+                               loss_fn=nn.CrossEntropyLoss(), hw=hw, size=size)
+    assert [tuple(t.shape[-2:]) for t in seen] == [(16, 16)] * 2 + [(32, 32)] * 2
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in seen)
+    # The whole picture, smaller (not a crop of it): a left-to-right ramp keeps its ends.
+    ramp = torch.linspace(-1, 1, 32).expand(1, 3, 32, 32)
+    small = engine.downscale(ramp, 16)
+    assert small[..., 0].max() < -0.85 and small[..., -1].min() > 0.85
+
+
 # --- recipes -----------------------------------------------------------------------------------------
 
 def test_recipe_beats_default_and_an_explicit_option_beats_the_recipe():
@@ -161,7 +209,8 @@ def test_recipe_beats_default_and_an_explicit_option_beats_the_recipe():
 
     assert resolve_config("custom", {"epochs": None}) == TrainConfig()
     cpu = resolve_config("cpu", {"epochs": None, "whiten": None})
-    assert (cpu.model, cpu.epochs, cpu.batch_size, cpu.aug, cpu.whiten, cpu.ema) == ("fast_net_small", 7, 128, "flip_translate", True, 0.99)
+    assert (cpu.model, cpu.epochs, cpu.batch_size, cpu.aug, cpu.whiten, cpu.ema, cpu.low_res) == (
+        "fast_net_small", 9, 128, "flip_translate", True, 0.99, 24)
     # Explicit wins even where it equals TrainConfig's default.
     mixed = resolve_config("cpu", {"epochs": 3, "batch_size": TrainConfig.batch_size, "whiten": False})
     assert (mixed.epochs, mixed.whiten, mixed.ema) == (3, False, 0.99)
@@ -179,10 +228,11 @@ def test_cli_treats_the_empty_string_as_not_given(monkeypatch):
     monkeypatch.setattr(train_step, "train", lambda cfg, data, device, precision, recipe: seen.update(
         cfg=cfg, recipe=recipe))
     args = ["--data", "d", "--recipe", "cpu", "--epochs", "", "--batch-size", "256", "--whiten", "",
-            "--compile", "false", "--ema", "0.0"]
+            "--compile", "false", "--ema", "0.0", "--low-res", "", "--low-res-pct", "0.5"]
     result = CliRunner().invoke(train_step.cli, args)
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
-    assert (cfg.epochs, cfg.batch_size, cfg.whiten, cfg.compile, cfg.ema, seen["recipe"]) == (7, 256, True, False, 0.0, "cpu")
+    assert (cfg.epochs, cfg.batch_size, cfg.whiten, cfg.compile, cfg.ema, cfg.low_res, cfg.low_res_pct,
+            seen["recipe"]) == (9, 256, True, False, 0.0, 24, 0.5, "cpu")
     result = CliRunner().invoke(train_step.cli, ["--data", "d", "--recipe", "turbo"])
     assert result.exit_code != 0 and "unknown recipe 'turbo'; known: custom, reference, fast, cpu" in result.output
