@@ -27,7 +27,7 @@ from steps.data import load_data
 from steps.errors import StepError
 from steps.options import WHOLE, OrNotGiven, log_params
 from steps.runtime import ERROR_TAG, step_command
-from steps.train import resolve_config
+from steps.train import TrainConfig, resolve_config, validate
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,16 @@ def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> 
     return submitted.run_id
 
 
+def main_options(cfg: PipelineConfig) -> dict[str, object]:
+    """The train options main passes on; None = not given, the recipe's."""
+    return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_lr": cfg.max_lr, "aug": cfg.aug}
+
+
+def train_config(model: str, cfg: PipelineConfig) -> TrainConfig:
+    """The config train will resolve for this model from the recipe and main's options."""
+    return resolve_config(cfg.recipe, {"model": model, **main_options(cfg)})
+
+
 def step_params(model: str, data_uri: str, cfg: PipelineConfig) -> tuple[dict, dict | None]:
     """(train's parameters, find_lr's or None when the resolved recipe has a fixed max_lr).
 
@@ -107,8 +117,8 @@ def step_params(model: str, data_uri: str, cfg: PipelineConfig) -> tuple[dict, d
     empty parameter as its shell quoting (''), which would never compare equal to "" when
     looking for a run to reuse. find_lr sees the batches training will see: the resolved
     batch size and augmentation."""
-    given = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_lr": cfg.max_lr, "aug": cfg.aug}
-    resolved = resolve_config(cfg.recipe, {"model": model, **given})
+    given = main_options(cfg)
+    resolved = train_config(model, cfg)
     train_params = {"data": data_uri, "recipe": cfg.recipe, "model": model, "seed": cfg.seed,
                     **{k: v for k, v in given.items() if v is not None}}
     if resolved.max_lr > 0:
@@ -158,7 +168,8 @@ def run_pipeline(cfg: PipelineConfig) -> tuple[str, bool]:
     unknown = [m for m in cfg.models if m not in list_models()]
     if unknown or not cfg.models:
         raise StepError(f"unknown model(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(list_models())}")
-    resolve_config(cfg.recipe, {})  # an unknown recipe stops here, before any step
+    for model in cfg.models:  # an unknown recipe, or a config train would refuse, stops here, before any step
+        validate(train_config(model, cfg))
     # None (not given) is logged as "", as mlflow run logged the empty parameter.
     log_params({k: ",".join(v) if isinstance(v, tuple) else "" if v is None else v for k, v in asdict(cfg).items()})
     code = code_version()

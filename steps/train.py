@@ -49,7 +49,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cifar_models.inference import ModelSpec, save_network
-from cifar_models.registry import list_models
+from cifar_models.registry import create_model, list_models
 from cifar_models.summary import summary
 from steps import engine
 from steps.artifacts import SUGGESTED_LR_METRIC, SUMMARY, WEIGHTS_DIR
@@ -68,7 +68,6 @@ CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_FORMAT = 2  # 2: holds the EMA's state ("ema", None when off)
 EVAL_BATCH = 1024
 WHITEN_IMAGES = 5000  # airbench94's sample: plenty for a 12x12 covariance
-MIN_LOW_RES = 16  # the least side every registered model takes: fast_net's three pools leave 1x1 of it
 
 
 @dataclass(frozen=True)
@@ -174,15 +173,28 @@ def validate(cfg: TrainConfig) -> None:
         raise StepError(f"need epochs >= 1, batch_size >= 1, max_lr >= 0 and 0 <= pct_start <= 1; got {cfg}")
     if not 0 <= cfg.ema < 1:
         raise StepError(f"ema is a per-step decay in [0, 1), 0 = off; got {cfg.ema}")
-    if cfg.low_res != 0 and not MIN_LOW_RES <= cfg.low_res <= 32:
-        raise StepError(f"low_res is a side of {MIN_LOW_RES} to 32 pixels, or 0 = off; got {cfg.low_res}")
+    if not 0 <= cfg.low_res <= 32:
+        raise StepError(f"low_res is a side of at most 32 pixels, or 0 = off; got {cfg.low_res}")
     if not 0 <= cfg.low_res_pct < 1:
         raise StepError(f"low_res_pct is a fraction of the epochs in [0, 1); got {cfg.low_res_pct}")
+    if cfg.low_res:
+        check_takes_side(cfg.model, cfg.low_res)
+
+
+def check_takes_side(model: str, side: int) -> None:
+    """Refuse, before any work, a low_res the model's pooling cannot take: custom_resnet's
+    final 4x4 max-pool needs the full 32x32, fast_net's three 2x2 pools at least 9x9. One
+    forward of one image on the CPU settles it for any architecture."""
+    try:
+        with torch.no_grad():
+            create_model(model).eval()(torch.zeros(1, 3, side, side))
+    except RuntimeError:
+        raise StepError(f"{model} cannot take {side}x{side} images; give a larger low_res, or 0 = off") from None
 
 
 def epoch_size(cfg: TrainConfig, epoch: int) -> int | None:
-    """The side the training images of `epoch` (counted from 1) are downscaled to, None for
-    none: progressive resizing. The first floor(low_res_pct * epochs) epochs train at low_res,
+    """The side the training images of `epoch` (counted from 1) are downscaled to, or None to
+    keep them as they are: progressive resizing. The first floor(low_res_pct * epochs) epochs train at low_res,
     where a step costs about (low_res / 32)^2 of one at full size, and the rest at full size,
     so that the BatchNorm statistics and the last steps match the test images."""
     low_epochs = math.floor(cfg.low_res_pct * cfg.epochs + 1e-9)  # 5/9 of 9 epochs is 5, float or not

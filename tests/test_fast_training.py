@@ -172,13 +172,22 @@ def test_the_first_fraction_of_the_epochs_is_low_res_and_never_the_last():
     assert sizes(4, low_res=20, low_res_pct=0.0) == [None] * 4
 
 
-@pytest.mark.parametrize("field, value", [("low_res", 8), ("low_res", 40), ("low_res_pct", 1.0), ("low_res_pct", -0.1)])
+@pytest.mark.parametrize("field, value", [("low_res", -1), ("low_res", 40), ("low_res_pct", 1.0), ("low_res_pct", -0.1)])
 def test_low_res_settings_out_of_range_are_refused(field, value):
     from steps.errors import StepError
     from steps.train import TrainConfig, validate
 
     with pytest.raises(StepError, match=field):
         validate(TrainConfig(**{field: value}))
+
+
+def test_a_low_res_the_model_cannot_take_is_refused_before_any_work():
+    from steps.errors import StepError
+    from steps.train import TrainConfig, validate
+
+    validate(TrainConfig(model="fast_net_small", low_res=16))  # 16 -> 15 -> 7 -> 3 -> 1
+    with pytest.raises(StepError, match="custom_resnet cannot take 16x16 images"):
+        validate(TrainConfig(model="custom_resnet", low_res=16))  # its last 4x4 pool would get 2x2
 
 
 def test_a_low_res_epoch_feeds_the_model_downscaled_channels_last_images():

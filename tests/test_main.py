@@ -91,8 +91,13 @@ def test_step_params_pass_the_recipe_and_only_the_options_given():
     assert (find_lr["batch_size"], find_lr["aug"]) == (128, "flip_translate")
 
 
-def test_unknown_recipe_is_refused_before_any_step(tmp_path, tracking_uri):
-    result = run_main(tmp_path, tracking_uri, recipe="turbo")
+@pytest.mark.parametrize("overrides, error", [
+    ({"recipe": "turbo"}, "unknown recipe 'turbo'; known: custom, reference, fast, cpu"),
+    # The cpu recipe's first epochs are 24x24, which custom_resnet's last pool cannot take.
+    ({"recipe": "cpu", "models": "fast_net_small,custom_resnet"}, "custom_resnet cannot take 24x24 images"),
+])
+def test_a_config_train_would_refuse_is_refused_before_any_step(tmp_path, tracking_uri, overrides, error):
+    result = run_main(tmp_path, tracking_uri, **overrides)
     assert result.returncode != 0
-    assert "Error: unknown recipe 'turbo'; known: custom, reference, fast, cpu" in result.stderr
+    assert f"Error: {error}" in result.stderr
     assert "download_data: starting" not in result.stderr
