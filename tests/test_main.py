@@ -60,11 +60,12 @@ def test_pipeline_registers_reuses_and_reports_failures(tmp_path, tracking_uri):
     assert client.get_model_version_by_alias(NAME, "champion").version == v1.version
     assert v2.tags["champion_decision"].startswith("kept:")
 
-    # A step that fails: its own message heads the driver's error, and the driver fails.
-    bad = run_main(tmp_path, tracking_uri, aug="no_such_policy", epochs="3")
+    # A step that fails while it runs (a peak LR that diverges, which no check before the
+    # run can see): its own message heads the driver's error, and the driver fails.
+    bad = run_main(tmp_path, tracking_uri, max_lr="1e6")
     assert bad.returncode != 0
     errors = [line for line in bad.stderr.splitlines() if line.startswith("Error: train failed:")]
-    assert len(errors) == 1 and "no_such_policy" in errors[0]
+    assert len(errors) == 1 and "training loss became" in errors[0] and "lower max_lr" in errors[0]
     assert "download_data: reusing finished run" in bad.stderr  # it picked up after the finished step
     assert latest_driver(client).info.status == "FAILED"
 
