@@ -194,9 +194,9 @@ def check_takes_side(model: str, side: int) -> None:
 
 def epoch_size(cfg: TrainConfig, epoch: int) -> int | None:
     """The side the training images of `epoch` (counted from 1) are downscaled to, or None to
-    keep them as they are: progressive resizing. The first floor(low_res_pct * epochs) epochs train at low_res,
-    where a step costs about (low_res / 32)^2 of one at full size, and the rest at full size,
-    so that the BatchNorm statistics and the last steps match the test images."""
+    keep them as they are: progressive resizing. The first floor(low_res_pct * epochs) epochs
+    train at low_res, where a step costs about (low_res / 32)^2 of one at full size, and the
+    rest at full size, so that the BatchNorm statistics and the last steps match the test images."""
     low_epochs = math.floor(cfg.low_res_pct * cfg.epochs + 1e-9)  # 5/9 of 9 epochs is 5, float or not
     return cfg.low_res if cfg.low_res and epoch <= low_epochs else None
 
