@@ -155,7 +155,7 @@ def register(best: registry.Candidate, data_run: str, cfg: PipelineConfig) -> tu
             "data_run_id": data_run, "pipeline_run_id": mlflow.active_run().info.run_id}
     for key, value in tags.items():
         client.set_model_version_tag(cfg.registered_model, version.version, key, value)
-    client.set_registered_model_alias(cfg.registered_model, registry.CHALLENGER, version.version)
+    registry.set_alias(client, cfg.registered_model, registry.CHALLENGER, version.version)
     log.info("registered %s v%s (%s, test accuracy %.4f) as %s", cfg.registered_model, version.version,
              best.model, best.test_accuracy, registry.CHALLENGER)
     version = client.get_model_version(cfg.registered_model, version.version)

@@ -7,6 +7,7 @@ only when a candidate beats it on the same test images, or by hand with `promote
 
 import logging
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,24 @@ class Candidate:
     test_accuracy: float
     train_run_id: str
     eval_run_id: str
+
+
+def set_alias(client: MlflowClient, name: str, alias: str, version: int | str, attempts: int = 5,
+              delay_s: float = 0.05) -> None:
+    """Point `alias` at `version`, retrying when another process sets the same alias at the same
+    moment. MLflow's SQL store sets an alias by reading whether it exists and then updating or
+    inserting; two first-time setters both insert, and the loser gets an IntegrityError (as an
+    MlflowException). On a retry the alias exists, so it is updated. After `attempts` failures
+    the error is reported in one line."""
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as exc:
+            if attempt == attempts - 1:
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise StepError(f"could not point {alias!r} of {name!r} at v{version}: {first_line}") from None
+            time.sleep(delay_s * 2 ** attempt)
 
 
 def version_or_none(client: MlflowClient, name: str, alias: str):
@@ -74,7 +93,7 @@ def decide_champion(client: MlflowClient, name: str, version, accuracy: float, t
     if champion is None:
         client.set_model_version_tag(name, version.version, "champion_decision",
                                      f"promoted: {accuracy:.4f}, no champion before")
-        client.set_registered_model_alias(name, CHAMPION, version.version)
+        set_alias(client, name, CHAMPION, version.version)
         log.info("champion: none yet -> v%s (test accuracy %.4f)", version.version, accuracy)
         return True
     best = champion_accuracy(client, name, champion, test_digest, test_x, test_y)
@@ -82,7 +101,7 @@ def decide_champion(client: MlflowClient, name: str, version, accuracy: float, t
     client.set_model_version_tag(name, version.version, "champion_decision",
                                  f"{'promoted' if moved else 'kept'}: {accuracy:.4f} vs champion v{champion.version} {best:.4f}")
     if moved:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
+        set_alias(client, name, CHAMPION, version.version)
         log.info("champion: v%s (%.4f) -> v%s (%.4f), better on the same test data",
                  champion.version, best, version.version, accuracy)
     else:
@@ -116,5 +135,5 @@ def promote(name: str, version: int | str, client: MlflowClient | None = None) -
         if status != "FINISHED":
             raise StepError(f"v{version} of {name!r} was registered from run {run_id}, which is {status}; refusing")
     old = version_or_none(client, name, CHAMPION)
-    client.set_registered_model_alias(name, CHAMPION, version)
+    set_alias(client, name, CHAMPION, version)
     return (str(old.version) if old else None), version

@@ -90,6 +90,43 @@ def test_promote_cli_prints_the_move_and_fails_cleanly(client, tracking_uri):
     assert champion(client) == v2
 
 
+class LosesRaces:
+    """The real client, except that its first `fail` alias writes raise the error MLflow's SQL store
+    raises when a concurrent process inserted the same alias first (what made the concurrent test
+    below fail now and then before promote retried)."""
+
+    def __init__(self, client, fail: int) -> None:
+        self.client, self.fail, self.calls = client, fail, 0
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def set_registered_model_alias(self, name, alias, version):
+        from mlflow.exceptions import MlflowException
+
+        self.calls += 1
+        if self.calls <= self.fail:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases\n[SQL: INSERT ...]")
+        return self.client.set_registered_model_alias(name, alias, version)
+
+
+def test_promote_retries_an_alias_write_that_lost_a_race(client):
+    v1 = add_version(client)
+    racing = LosesRaces(client, fail=2)
+    assert registry.promote(NAME, v1, client=racing) == (None, v1)
+    assert racing.calls == 3 and champion(client) == v1
+
+
+def test_an_alias_write_that_keeps_failing_is_one_line_and_changes_nothing(client):
+    v1, v2 = add_version(client), add_version(client)
+    registry.promote(NAME, v1, client=client)
+    with pytest.raises(StepError) as info:
+        registry.promote(NAME, v2, client=LosesRaces(client, fail=99))
+    assert str(info.value) == (f"could not point 'champion' of '{NAME}' at v{v2}: "
+                               "(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases")
+    assert champion(client) == v1
+
+
 def test_concurrent_promotes_leave_one_existing_champion(client, tracking_uri):
     versions = [add_version(client) for _ in range(3)]
     env = mlflow_run_env(tracking_uri)
