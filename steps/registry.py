@@ -7,8 +7,8 @@ only when a candidate beats it on the same test images, or by hand with `promote
 
 import logging
 import tempfile
-import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from steps.errors import StepError
+from steps.runtime import retry
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +40,11 @@ def set_alias(client: MlflowClient, name: str, alias: str, version: int | str, a
     inserting; two first-time setters both insert, and the loser gets an IntegrityError (as an
     MlflowException). On a retry the alias exists, so it is updated. After `attempts` failures
     the error is reported in one line."""
-    for attempt in range(attempts):
-        try:
-            client.set_registered_model_alias(name, alias, version)
-            return
-        except MlflowException as exc:
-            if attempt == attempts - 1:
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise StepError(f"could not point {alias!r} of {name!r} at v{version}: {first_line}") from None
-            time.sleep(delay_s * 2 ** attempt)
+    try:
+        retry(partial(client.set_registered_model_alias, name, alias, version), attempts, delay_s, MlflowException)
+    except MlflowException as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StepError(f"could not point {alias!r} of {name!r} at v{version}: {first_line}") from None
 
 
 def version_or_none(client: MlflowClient, name: str, alias: str):

@@ -3,10 +3,11 @@ answers, the MLflow run, and one-line errors for problems the user can fix."""
 
 import logging
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import click
@@ -17,6 +18,19 @@ from steps.errors import StepError
 log = logging.getLogger(__name__)
 
 ERROR_TAG = "error"  # a failed step's one-line reason, read by the main driver
+
+
+def retry(fn: Callable[[], object], attempts: int, delay_s: float,
+          errors: type[Exception] | tuple[type[Exception], ...] = Exception) -> object:
+    """fn(), called again after each failure of the given types, with backoff (delay_s, then
+    twice that, ...), at most `attempts` times in all; the last failure is raised to the caller,
+    who decides whether it stops the step or only warns."""
+    for attempt in range(attempts - 1):
+        try:
+            return fn()
+        except errors:
+            time.sleep(delay_s * 2 ** attempt)
+    return fn()
 
 
 def setup_logging() -> None:

@@ -59,7 +59,7 @@ from steps.errors import StepError
 from steps import find_lr as find_lr_step
 from steps.find_lr import build_model, check_aug, log_range_test, range_test
 from steps.options import WHOLE, OrNotGiven, log_params
-from steps.runtime import step_command
+from steps.runtime import retry, step_command
 
 log = logging.getLogger(__name__)
 
@@ -247,15 +247,10 @@ def retrying(what: str, fn: Callable[[], None], attempts: int = 4, delay_s: floa
     """Call fn, retrying with backoff; if it keeps failing, warn and go on. Hours of training
     are not lost because the tracking store was briefly away (the checkpoint keeps the
     history, and a rerun of the command copies it into the new run)."""
-    for attempt in range(attempts):
-        try:
-            fn()
-            return
-        except Exception as exc:  # the tracking client raises many types for one outage
-            if attempt == attempts - 1:
-                log.warning("could not log %s after %d attempts (%s); training continues", what, attempts, exc)
-                return
-            time.sleep(delay_s * 2 ** attempt)
+    try:
+        retry(fn, attempts, delay_s)  # any type: the tracking client raises many for one outage
+    except Exception as exc:
+        log.warning("could not log %s after %d attempts (%s); training continues", what, attempts, exc)
 
 
 def relog_history(run_id: str, history: dict[str, list[float]]) -> None:
