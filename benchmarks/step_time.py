@@ -4,6 +4,7 @@ and batch size, on random data: what `engine.hardware` and the CPU recipe are si
 `cifar_models.preprocess.to_nchw` hands the networks NHWC-strided batches.
 
     .venv/bin/python benchmarks/step_time.py --models fast_net,fast_net_small --batch-sizes 256,512 --repeats 7
+    .venv/bin/python benchmarks/step_time.py --whiten-bias --models fast_net_small --batch-sizes 128 --repeats 15
     .venv/bin/python benchmarks/step_time.py --forward --threads 1 --models fast_net,fast_net_small --batch-sizes 1,64,512 --repeats 9
 
 Each configuration runs WARMUP untimed steps, then --repeats timed steps (time.perf_counter;
@@ -36,8 +37,13 @@ WARMUP = 2  # steps before timing: oneDNN/cuDNN pick and cache their kernels on 
 
 
 def step_seconds(model_name: str, hw: engine.Hardware, batch_size: int, repeats: int,
-                 forward_only: bool = False) -> list[float]:
+                 forward_only: bool = False, whiten_bias: bool | None = None) -> list[float]:
+    """whiten_bias None: the model as created; True or False: its first conv frozen as train's
+    whitening leaves it, with the bias trainable (True) or frozen too (False)."""
     model = engine.prepare_model(create_model(model_name), hw)
+    if whiten_bias is not None:
+        model.whiten.weight.requires_grad_(False)
+        engine.train_whiten_bias(model, whiten_bias)
     optimizer = engine.build_optimizer("sgd", model, 0.01, 5e-4)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2)
     x = torch.randn(batch_size, 3, 32, 32, device=hw.device)
@@ -70,6 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--all", action="store_true", help="bf16 rows even where bf16 is emulated")
     p.add_argument("--forward", action="store_true", help="time an inference forward, not a training step")
+    p.add_argument("--whiten-bias", action="store_true",
+                   help="only fp32 channels_last rows, with the first conv frozen as whitening leaves it: bias "
+                        "trainable, then frozen too (engine.train_whiten_bias); the ratio is to the first")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--out", type=Path, default=Path("step_time.json"))
     args = p.parse_args(argv)
@@ -81,20 +90,33 @@ def main(argv: list[str] | None = None) -> dict:
     if native_bf16 or args.all:
         layouts += [(torch.bfloat16, False), (torch.bfloat16, True)]
     rows = []
-    for model in args.models.split(","):
-        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            base = None
-            for dtype, channels_last in layouts:
-                hw = engine.Hardware(device, dtype, channels_last)
-                median = statistics.median(step_seconds(model, hw, batch_size, args.repeats, args.forward))
-                base = base or median
-                row = {"model": model, "batch_size": batch_size, "autocast": str(dtype).removeprefix("torch."),
-                       "channels_last": channels_last, "median_ms": 1000 * median, "vs_fp32_nchw": median / base,
-                       "ms_per_image": 1000 * median / batch_size}
-                rows.append(row)
-                print(f"{model:15s} batch {batch_size:4d}  {row['autocast']:8s} channels_last={channels_last!s:5s} "
-                      f"{row['median_ms']:8.1f} ms  {row['ms_per_image']:5.2f} ms/image  x{row['vs_fp32_nchw']:.2f} "
-                      "of fp32 NCHW", flush=True)
+    if args.whiten_bias:
+        hw = engine.Hardware(device, None, True)
+        for model in args.models.split(","):
+            for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+                trains = statistics.median(step_seconds(model, hw, batch_size, args.repeats, whiten_bias=True))
+                frozen = statistics.median(step_seconds(model, hw, batch_size, args.repeats, whiten_bias=False))
+                for bias, median in (("trains", trains), ("frozen", frozen)):
+                    rows.append({"model": model, "batch_size": batch_size, "autocast": "float32", "channels_last": True,
+                                 "whiten_bias": bias, "median_ms": 1000 * median, "vs_bias_trains": median / trains,
+                                 "ms_per_image": 1000 * median / batch_size})
+                print(f"{model:15s} batch {batch_size:4d}  whitening bias trains {1000 * trains:8.1f} ms, "
+                      f"frozen {1000 * frozen:8.1f} ms  x{frozen / trains:.2f}", flush=True)
+    else:
+        for model in args.models.split(","):
+            for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+                base = None
+                for dtype, channels_last in layouts:
+                    hw = engine.Hardware(device, dtype, channels_last)
+                    median = statistics.median(step_seconds(model, hw, batch_size, args.repeats, args.forward))
+                    base = base or median
+                    row = {"model": model, "batch_size": batch_size, "autocast": str(dtype).removeprefix("torch."),
+                           "channels_last": channels_last, "median_ms": 1000 * median, "vs_fp32_nchw": median / base,
+                           "ms_per_image": 1000 * median / batch_size}
+                    rows.append(row)
+                    print(f"{model:15s} batch {batch_size:4d}  {row['autocast']:8s} channels_last={channels_last!s:5s} "
+                          f"{row['median_ms']:8.1f} ms  {row['ms_per_image']:5.2f} ms/image  x{row['vs_fp32_nchw']:.2f} "
+                          "of fp32 NCHW", flush=True)
     result = {"benchmark": "step_time", "command": " ".join(["python", "benchmarks/step_time.py", *(argv or sys.argv[1:])]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "machine": {"platform": platform.platform(), "processor": platform.processor(),

@@ -42,7 +42,7 @@ from steps.augment import POLICIES, build_policy  # noqa: E402
 from steps.data import CifarData, load_data  # noqa: E402
 from steps.find_lr import build_model  # noqa: E402
 from steps.train import (EVAL_BATCH, RECIPES, SCHEDULES, WHITEN_IMAGES, TrainConfig, epoch_size,  # noqa: E402
-                         resolve_config, validate)
+                         resolve_config, validate, whiten_bias_trains)
 
 WARMUP_STEPS = 5  # compile warm-up: enough steps to compile the training step's graphs
 
@@ -86,6 +86,7 @@ def train_seed(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, train_x, 
     generator = torch.Generator().manual_seed(cfg.seed)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     for epoch in range(1, cfg.epochs + 1):
+        engine.train_whiten_bias(model, whiten_bias_trains(cfg, epoch))
         batches = engine.iterate_batches(train_x, train_y, cfg.batch_size, generator=generator, drop_last=True,
                                          augment=policy)
         if max_steps is not None:
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
         data = replace(data, test_x=data.test_x[:args.test_limit], test_y=data.test_y[:args.test_limit])
     given = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "max_lr": args.max_lr,
              "aug": args.aug, "compile": {None: None, "true": True, "false": False}[args.compile],
-             "low_res": args.low_res, "low_res_pct": args.low_res_pct}
+             "low_res": args.low_res, "low_res_pct": args.low_res_pct, "whiten_bias_epochs": args.whiten_bias_epochs}
     base = resolve_config(args.recipe, given)
     validate(base)
     if base.max_lr <= 0:
@@ -178,6 +179,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=["true", "false"], help="override the recipe's")
     p.add_argument("--low-res", type=int, help="override the recipe's (0 = full size throughout)")
     p.add_argument("--low-res-pct", type=float, help="override the recipe's")
+    p.add_argument("--whiten-bias-epochs", type=int, help="override the recipe's (0 = the bias trains throughout)")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images only (smoke runs)")
     p.add_argument("--test-limit", type=int, default=0, help="first N test images only (smoke runs)")
     p.add_argument("--device", default="auto")

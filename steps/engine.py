@@ -186,7 +186,8 @@ def patch_whitening(images: torch.Tensor, kernel: tuple[int, int], eps: float = 
 def whiten_first_conv(model: nn.Module, images: np.ndarray, mean: Sequence[float], std: Sequence[float],
                       eps: float = 5e-4) -> bool:
     """Set the model's `whiten` conv to the patch whitening of these NHWC uint8 training images
-    (normalised as training normalises them) and freeze its weights; its bias still trains.
+    (normalised as training normalises them) and freeze its weights; its bias still trains
+    (train_whiten_bias freezes it later).
     Returns False, changing nothing, when the model has no `whiten` conv of the whitening
     shape (2 x C*h*w filters over C input channels).
 
@@ -208,6 +209,17 @@ def whiten_first_conv(model: nn.Module, images: np.ndarray, mean: Sequence[float
         conv.bias.copy_(bias)
     conv.weight.requires_grad_(False)
     return True
+
+
+def train_whiten_bias(model: nn.Module, trainable: bool) -> None:
+    """Let the whitening conv's bias train, or freeze it as its weights are. Frozen, nothing
+    before the first block needs a gradient, so backward stops there: it skips the first
+    block conv's input gradient and the GELU's, computed at the largest resolution of the net.
+    airbench94 trains the bias for its first 3 of ~10 epochs. A model without a `whiten`
+    conv is left as it is."""
+    conv = getattr(model, "whiten", None)
+    if isinstance(conv, nn.Conv2d) and conv.bias is not None:
+        conv.bias.requires_grad_(trainable)
 
 
 def ema_decay_at(decay: float, updates: torch.Tensor | int) -> torch.Tensor:

@@ -91,6 +91,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training forward/backward (pays on CUDA; slow warm-up on a CPU)
     low_res: int = 0  # side (pixels) the training images are downscaled to in the first epochs; 0 = never
     low_res_pct: float = 0.0  # fraction of the epochs (rounded down, so never the last) trained at low_res
+    whiten_bias_epochs: int = 0  # epochs the whitening conv's bias trains before it is frozen too; 0 = all
 
 
 # Presets of TrainConfig fields (fields not named keep TrainConfig's defaults). SGD is always
@@ -106,7 +107,7 @@ RECIPES: dict[str, dict[str, object]] = {
     "reference": {"epochs": 24, "batch_size": 512, "max_lr": 0.0, "optimizer": "sgd", "weight_decay": 5e-4,
                   "label_smoothing": 0.1, "aug": "reference", "schedule": "one_cycle", "pct_start": 5 / 24,
                   "div_factor": 25.0, "final_div_factor": 1e4, "whiten": False, "ema": 0.0, "compile": False,
-                  "low_res": 0, "low_res_pct": 0.0},
+                  "low_res": 0, "low_res_pct": 0.0, "whiten_bias_epochs": 0},
     # For a GPU: ~10 epochs of 48 steps at batch 1024 (airbench94 trains 9.9). airbench94's
     # augmentation, flip and translate without cutout, batched on the device (the uint8 set
     # moves there once; cutout cost the short CPU run below 2.4 points), 20% warm-up then linear
@@ -181,6 +182,8 @@ def validate(cfg: TrainConfig) -> None:
         raise StepError(f"low_res is a side of at most 32 pixels, or 0 = off; got {cfg.low_res}")
     if not 0 <= cfg.low_res_pct < 1:
         raise StepError(f"low_res_pct is a fraction of the epochs in [0, 1); got {cfg.low_res_pct}")
+    if cfg.whiten_bias_epochs < 0:
+        raise StepError(f"whiten_bias_epochs is a number of epochs, 0 = the bias trains throughout; got {cfg.whiten_bias_epochs}")
     if cfg.low_res:
         check_takes_side(cfg.model, cfg.low_res)
 
@@ -203,6 +206,13 @@ def epoch_size(cfg: TrainConfig, epoch: int) -> int | None:
     rest at full size, so that the BatchNorm statistics and the last steps match the test images."""
     low_epochs = math.floor(cfg.low_res_pct * cfg.epochs + 1e-9)  # 5/9 of 9 epochs is 5, float or not
     return cfg.low_res if cfg.low_res and epoch <= low_epochs else None
+
+
+def whiten_bias_trains(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether the whitening conv's bias trains in `epoch` (counted from 1): in the first
+    whiten_bias_epochs, or in all of them when that is 0 or the conv is not whitened (an
+    ordinary conv, whose weights train anyway)."""
+    return not cfg.whiten or not cfg.whiten_bias_epochs or epoch <= cfg.whiten_bias_epochs
 
 
 # --- checkpoints: where, and under what lock ----------------------------------------------------------
@@ -372,6 +382,7 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
         started = time.monotonic()
         batches = engine.iterate_batches(train_x, train_y, cfg.batch_size, generator=generator, drop_last=True,
                                          augment=policy)
+        engine.train_whiten_bias(model, whiten_bias_trains(cfg, epoch))  # set every epoch: a resume lands anywhere
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not tty)
         try:
             train_loss, train_acc = engine.train_one_epoch(
@@ -439,6 +450,7 @@ def _default(name: str) -> str:
 @click.option("--compile", type=OrNotGiven(click.BOOL), help=f"true/false; {_default('compile')}.")
 @click.option("--low-res", type=OrNotGiven(WHOLE), help=f"Side in pixels of the first epochs' images, 0 = full size; {_default('low_res')}.")
 @click.option("--low-res-pct", type=OrNotGiven(click.FLOAT), help=f"Fraction of the epochs at low-res; {_default('low_res_pct')}.")
+@click.option("--whiten-bias-epochs", type=OrNotGiven(WHOLE), help=f"Epochs the whitening bias trains, 0 = all; {_default('whiten_bias_epochs')}.")
 @click.option("--seed", default=TrainConfig.seed, type=WHOLE, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu or cuda.")
 @click.option("--precision", default="auto", show_default=True, help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32; channels_last always.")

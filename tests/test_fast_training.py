@@ -77,6 +77,42 @@ def test_whitening_skips_a_model_without_a_whitening_conv():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_frozen_whitening_bias_stays_put_while_the_rest_trains():
+    from cifar_models.preprocess import normalize, to_nchw
+    from steps import engine
+
+    x, y, *_ = synthetic(n_train=32, n_test=0)
+    hw = engine.hardware("cpu", "fp32")
+    model = create_model("fast_net_small")
+    assert engine.whiten_first_conv(model, x, MEAN, STD)
+    optimizer = engine.build_optimizer("sgd", model, 0.1, 5e-4)
+    images = normalize(to_nchw(x), MEAN, STD)
+    labels = torch.as_tensor(y, dtype=torch.int64)
+
+    def step():
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        engine.train_step(model, optimizer, nn.CrossEntropyLoss(), images, labels, hw)
+        return {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+
+    engine.train_whiten_bias(model, False)
+    moved = step()
+    assert "whiten.bias" not in moved and model.whiten.bias.grad is None and "head.weight" in moved
+    engine.train_whiten_bias(model, True)
+    moved = step()
+    assert "whiten.bias" in moved and "whiten.weight" not in moved
+
+
+def test_the_whitening_bias_trains_for_the_first_epochs_only_when_whitened():
+    from steps.train import TrainConfig, whiten_bias_trains
+
+    def trains(**kw):
+        return [whiten_bias_trains(TrainConfig(epochs=4, **kw), epoch) for epoch in range(1, 5)]
+
+    assert trains(whiten=True, whiten_bias_epochs=1) == [True, False, False, False]
+    assert trains(whiten=True, whiten_bias_epochs=0) == [True] * 4
+    assert trains(whiten=False, whiten_bias_epochs=1) == [True] * 4  # an ordinary conv trains as it is
+
+
 # --- the weight average ------------------------------------------------------------------------------
 
 def test_ema_follows_the_weights_at_its_warmed_up_decay_and_averages_batchnorm_stats():
@@ -120,7 +156,8 @@ def test_ema_decay_warms_up_to_its_cap():
 
 def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
     """As test_resume's crash test, with the EMA and the frozen whitening conv in the state,
-    and a first epoch at low resolution that the resumed run must not repeat."""
+    and a first epoch at low resolution, with the whitening bias training, that the resumed
+    run must not repeat."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -129,7 +166,7 @@ def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri
 
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
     cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0.05, aug="tensor", schedule="warmup_linear",
-                      whiten=True, ema=0.9, low_res=24, low_res_pct=0.5)
+                      whiten=True, ema=0.9, low_res=24, low_res_pct=0.5, whiten_bias_epochs=1)
     real_save = engine.save_checkpoint
 
     def save_then_crash(path, state):
@@ -237,11 +274,11 @@ def test_cli_treats_the_empty_string_as_not_given(monkeypatch):
     monkeypatch.setattr(train_step, "train", lambda cfg, data, device, precision, recipe: seen.update(
         cfg=cfg, recipe=recipe))
     args = ["--data", "d", "--recipe", "cpu", "--epochs", "", "--batch-size", "256", "--whiten", "",
-            "--compile", "false", "--ema", "0.0", "--low-res", "", "--low-res-pct", "0.5"]
+            "--compile", "false", "--ema", "0.0", "--low-res", "", "--low-res-pct", "0.4", "--whiten-bias-epochs", ""]
     result = CliRunner().invoke(train_step.cli, args)
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
     assert (cfg.epochs, cfg.batch_size, cfg.whiten, cfg.compile, cfg.ema, cfg.low_res, cfg.low_res_pct,
-            seen["recipe"]) == (9, 256, True, False, 0.0, 24, 0.5, "cpu")
+            cfg.whiten_bias_epochs, seen["recipe"]) == (9, 256, True, False, 0.0, 24, 0.4, 0, "cpu")
     result = CliRunner().invoke(train_step.cli, ["--data", "d", "--recipe", "turbo"])
     assert result.exit_code != 0 and "unknown recipe 'turbo'; known: custom, reference, fast, cpu" in result.output

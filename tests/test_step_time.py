@@ -37,3 +37,12 @@ def test_step_time_forward_mode_times_inference_at_the_threads_asked(tmp_path):
     assert saved["timed"] == "inference forward" and saved["machine"]["threads"] == 1
     assert [r["channels_last"] for r in saved["rows"]][:2] == [False, True]
     assert all(r["median_ms"] > 0 for r in saved["rows"])
+
+
+def test_step_time_whiten_bias_rows_compare_a_trainable_and_a_frozen_bias(tmp_path):
+    saved = step_time.main(["--whiten-bias", "--models", "fast_net_small", "--batch-sizes", "2", "--repeats", "1",
+                            "--device", "cpu", "--out", str(tmp_path / "whiten.json")])
+    trains, frozen = saved["rows"]
+    assert (trains["whiten_bias"], frozen["whiten_bias"]) == ("trains", "frozen")
+    assert trains["vs_bias_trains"] == 1.0
+    assert frozen["vs_bias_trains"] == pytest.approx(frozen["median_ms"] / trains["median_ms"])
