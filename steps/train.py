@@ -143,8 +143,7 @@ RECIPES: dict[str, dict[str, object]] = {
     # fast_net, there.
     "cpu": {"model": "fast_net_small", "epochs": 9, "batch_size": 128, "max_lr": 0.3, "optimizer": "sgd",
             "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "flip_translate", "schedule": "warmup_linear",
-            "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False, "low_res": 24, "low_res_pct": 5 / 9,
-            "whiten_bias_epochs": 3},
+            "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False, "low_res": 24, "low_res_pct": 5 / 9},
 }
 
 

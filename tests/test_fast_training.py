@@ -279,6 +279,6 @@ def test_cli_treats_the_empty_string_as_not_given(monkeypatch):
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
     assert (cfg.epochs, cfg.batch_size, cfg.whiten, cfg.compile, cfg.ema, cfg.low_res, cfg.low_res_pct,
-            cfg.whiten_bias_epochs, seen["recipe"]) == (9, 256, True, False, 0.0, 24, 0.4, 3, "cpu")
+            cfg.whiten_bias_epochs, seen["recipe"]) == (9, 256, True, False, 0.0, 24, 0.4, 0, "cpu")
     result = CliRunner().invoke(train_step.cli, ["--data", "d", "--recipe", "turbo"])
     assert result.exit_code != 0 and "unknown recipe 'turbo'; known: custom, reference, fast, cpu" in result.output
