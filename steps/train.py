@@ -138,7 +138,9 @@ RECIPES: dict[str, dict[str, object]] = {
     # 72.9% with it (one seed each, 2026-11-22: `... --recipe cpu --epochs 3 --low-res 0
     # --max-lr 0.2 --train-limit 20000 --seeds 1 --aug flip_translate|tensor`,
     # benchmarks/results/train-3ep-20k-*). Whitening and an EMA (its decay warms up, see
-    # engine.ema_decay_at) as in `fast`. No compile: its warm-up on a CPU takes minutes and gains
+    # engine.ema_decay_at) as in `fast`, but the whitening bias trains throughout: frozen after
+    # epoch 3, as airbench94 freezes it, training took ~0.96x the time and tested 0.16 and 0.19
+    # points lower for seeds 0 and 1 (README), and this budget has no use for the time. No compile: its warm-up on a CPU takes minutes and gains
     # little there. On a CPU with native bf16 a step is ~2.5x faster: give more epochs, or
     # fast_net, there.
     "cpu": {"model": "fast_net_small", "epochs": 9, "batch_size": 128, "max_lr": 0.3, "optimizer": "sgd",
