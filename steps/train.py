@@ -139,10 +139,10 @@ RECIPES: dict[str, dict[str, object]] = {
     # --max-lr 0.2 --train-limit 20000 --seeds 1 --aug flip_translate|tensor`,
     # benchmarks/results/train-3ep-20k-*). Whitening and an EMA (its decay warms up, see
     # engine.ema_decay_at) as in `fast`, but the whitening bias trains throughout: frozen after
-    # epoch 3, as airbench94 freezes it, training took ~0.96x the time and tested 0.16 and 0.19
-    # points lower for seeds 0 and 1 (README), and this budget has no use for the time. No compile: its warm-up on a CPU takes minutes and gains
-    # little there. On a CPU with native bf16 a step is ~2.5x faster: give more epochs, or
-    # fast_net, there.
+    # epoch 3, as airbench94 freezes it, a step takes 0.93x the time, and seeds 0 and 1 tested
+    # 0.16 and 0.19 points lower (README); this budget has no use for the time. No compile: its
+    # warm-up on a CPU takes minutes and gains little there. On a CPU with native bf16 a step is
+    # ~2.5x faster: give more epochs, or fast_net, there.
     "cpu": {"model": "fast_net_small", "epochs": 9, "batch_size": 128, "max_lr": 0.3, "optimizer": "sgd",
             "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "flip_translate", "schedule": "warmup_linear",
             "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False, "low_res": 24, "low_res_pct": 5 / 9},

@@ -274,11 +274,11 @@ def test_cli_treats_the_empty_string_as_not_given(monkeypatch):
     monkeypatch.setattr(train_step, "train", lambda cfg, data, device, precision, recipe: seen.update(
         cfg=cfg, recipe=recipe))
     args = ["--data", "d", "--recipe", "cpu", "--epochs", "", "--batch-size", "256", "--whiten", "",
-            "--compile", "false", "--ema", "0.0", "--low-res", "", "--low-res-pct", "0.4", "--whiten-bias-epochs", ""]
+            "--compile", "false", "--ema", "0.0", "--low-res", "", "--low-res-pct", "0.4", "--whiten-bias-epochs", "2"]
     result = CliRunner().invoke(train_step.cli, args)
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
     assert (cfg.epochs, cfg.batch_size, cfg.whiten, cfg.compile, cfg.ema, cfg.low_res, cfg.low_res_pct,
-            cfg.whiten_bias_epochs, seen["recipe"]) == (9, 256, True, False, 0.0, 24, 0.4, 0, "cpu")
+            cfg.whiten_bias_epochs, seen["recipe"]) == (9, 256, True, False, 0.0, 24, 0.4, 2, "cpu")
     result = CliRunner().invoke(train_step.cli, ["--data", "d", "--recipe", "turbo"])
     assert result.exit_code != 0 and "unknown recipe 'turbo'; known: custom, reference, fast, cpu" in result.output
