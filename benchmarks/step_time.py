@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--device", default="auto")
     p.add_argument("--all", action="store_true", help="bf16 rows even where bf16 is emulated")
-    p.add_argument("--forward", action="store_true", help="time an inference forward, not a training step")
-    p.add_argument("--whiten-bias", action="store_true",
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--forward", action="store_true", help="time an inference forward, not a training step")
+    mode.add_argument("--whiten-bias", action="store_true",
                    help="only fp32 channels_last rows, with the first conv frozen as whitening leaves it: bias "
                         "trainable, then frozen too (engine.train_whiten_bias); the ratio is to the first")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
@@ -89,34 +90,28 @@ def main(argv: list[str] | None = None) -> dict:
     layouts = [(None, False), (None, True)]
     if native_bf16 or args.all:
         layouts += [(torch.bfloat16, False), (torch.bfloat16, True)]
-    rows = []
+    # What is compared, per model and batch size: the first row is the base of the ratios.
     if args.whiten_bias:
         hw = engine.Hardware(device, None, True)
-        for model in args.models.split(","):
-            for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-                trains = statistics.median(step_seconds(model, hw, batch_size, args.repeats, whiten_bias=True))
-                frozen = statistics.median(step_seconds(model, hw, batch_size, args.repeats, whiten_bias=False))
-                for bias, median in (("trains", trains), ("frozen", frozen)):
-                    rows.append({"model": model, "batch_size": batch_size, "autocast": "float32", "channels_last": True,
-                                 "whiten_bias": bias, "median_ms": 1000 * median, "vs_bias_trains": median / trains,
-                                 "ms_per_image": 1000 * median / batch_size})
-                print(f"{model:15s} batch {batch_size:4d}  whitening bias trains {1000 * trains:8.1f} ms, "
-                      f"frozen {1000 * frozen:8.1f} ms  x{frozen / trains:.2f}", flush=True)
+        variants = [(hw, True, {"whiten_bias": "trains"}), (hw, False, {"whiten_bias": "frozen"})]
+        ratio, base_name = "vs_bias_trains", "a trainable whitening bias"
     else:
-        for model in args.models.split(","):
-            for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-                base = None
-                for dtype, channels_last in layouts:
-                    hw = engine.Hardware(device, dtype, channels_last)
-                    median = statistics.median(step_seconds(model, hw, batch_size, args.repeats, args.forward))
-                    base = base or median
-                    row = {"model": model, "batch_size": batch_size, "autocast": str(dtype).removeprefix("torch."),
-                           "channels_last": channels_last, "median_ms": 1000 * median, "vs_fp32_nchw": median / base,
-                           "ms_per_image": 1000 * median / batch_size}
-                    rows.append(row)
-                    print(f"{model:15s} batch {batch_size:4d}  {row['autocast']:8s} channels_last={channels_last!s:5s} "
-                          f"{row['median_ms']:8.1f} ms  {row['ms_per_image']:5.2f} ms/image  x{row['vs_fp32_nchw']:.2f} "
-                          "of fp32 NCHW", flush=True)
+        variants = [(engine.Hardware(device, dtype, channels_last), None, {}) for dtype, channels_last in layouts]
+        ratio, base_name = "vs_fp32_nchw", "fp32 NCHW"
+    rows = []
+    for model in args.models.split(","):
+        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+            base = None
+            for hw, whiten_bias, label in variants:
+                median = statistics.median(step_seconds(model, hw, batch_size, args.repeats, args.forward, whiten_bias))
+                base = base or median
+                row = {"model": model, "batch_size": batch_size, "autocast": str(hw.autocast).removeprefix("torch."),
+                       "channels_last": hw.channels_last, **label, "median_ms": 1000 * median, ratio: median / base,
+                       "ms_per_image": 1000 * median / batch_size}
+                rows.append(row)
+                print(f"{model:15s} batch {batch_size:4d}  {row['autocast']:8s} channels_last={hw.channels_last!s:5s} "
+                      f"{''.join(f'{k}={v} ' for k, v in label.items())}{row['median_ms']:8.1f} ms  "
+                      f"{row['ms_per_image']:5.2f} ms/image  x{row[ratio]:.2f} of {base_name}", flush=True)
     result = {"benchmark": "step_time", "command": " ".join(["python", "benchmarks/step_time.py", *(argv or sys.argv[1:])]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
