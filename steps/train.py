@@ -139,7 +139,7 @@ RECIPES: dict[str, dict[str, object]] = {
     # --max-lr 0.2 --train-limit 20000 --seeds 1 --aug flip_translate|tensor`,
     # benchmarks/results/train-3ep-20k-*). Whitening and an EMA (its decay warms up, see
     # engine.ema_decay_at) as in `fast`, but the whitening bias trains throughout: frozen after
-    # epoch 3, as airbench94 freezes it, a step takes 0.93x the time, and seeds 0 and 1 tested
+    # epoch 3, as airbench94 freezes it, a step takes ~0.94x the time, and seeds 0 and 1 tested
     # 0.16 and 0.19 points lower (README); this budget has no use for the time. No compile: its
     # warm-up on a CPU takes minutes and gains little there. On a CPU with native bf16 a step is
     # ~2.5x faster: give more epochs, or fast_net, there.
