@@ -282,3 +282,18 @@ def test_cli_treats_the_empty_string_as_not_given(monkeypatch):
             cfg.whiten_bias_epochs, seen["recipe"]) == (9, 256, True, False, 0.0, 24, 0.4, 2, "cpu")
     result = CliRunner().invoke(train_step.cli, ["--data", "d", "--recipe", "turbo"])
     assert result.exit_code != 0 and "unknown recipe 'turbo'; known: custom, reference, fast, cpu" in result.output
+
+
+def test_mlproject_train_entry_passes_every_config_field():
+    """A TrainConfig field the MLproject entry does not pass is unreachable through `mlflow run`."""
+    from dataclasses import fields
+
+    import yaml
+
+    from steps.train import TrainConfig
+    from tests.conftest import REPO
+
+    entry = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["train"]
+    for field in fields(TrainConfig):
+        assert field.name in entry["parameters"], field.name
+        assert f"--{field.name.replace('_', '-')} {{{field.name}}}" in entry["command"], field.name
