@@ -16,7 +16,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from steps.errors import StepError
+from steps.errors import StepError, first_line
 from steps.runtime import retry
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ def set_alias(client: MlflowClient, name: str, alias: str, version: int | str, a
     try:
         retry(partial(client.set_registered_model_alias, name, alias, version), attempts, delay_s, MlflowException)
     except MlflowException as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StepError(f"could not point {alias!r} of {name!r} at v{version}: {first_line}") from None
+        reason = first_line(exc) or type(exc).__name__
+        raise StepError(f"could not point {alias!r} of {name!r} at v{version}: {reason}") from None
 
 
 def version_or_none(client: MlflowClient, name: str, alias: str):

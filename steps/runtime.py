@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import click
 import mlflow
 
-from steps.errors import StepError
+from steps.errors import StepError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ def step_command() -> Iterator[mlflow.ActiveRun]:
                 yield run
             except Exception as exc:
                 # The message, as a tag, is what the main driver reports for a failed step.
-                first_line = (str(exc).splitlines() or [""])[0]
-                message = first_line if isinstance(exc, StepError) else f"{type(exc).__name__}: {first_line}"
+                message = first_line(exc) if isinstance(exc, StepError) else f"{type(exc).__name__}: {first_line(exc)}"
                 mlflow.set_tag(ERROR_TAG, message[:5000])
                 raise
     except StepError as exc:

@@ -138,3 +138,25 @@ def test_train_refuses_unknown_choices_in_one_line(synthetic_data_dir, tracking_
         assert result.exit_code != 0 and message in result.output, result.output
         assert "Traceback" not in result.output
     assert not (tmp_path / "checkpoints").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("exc, tag", [
+    (ValueError("\nbad value\n  at line 3"), "ValueError: bad value"),  # a bug keeps its type name
+    (KeyError(), "KeyError: "),
+])
+def test_a_failed_step_tags_its_run_with_the_errors_first_line(tracking_uri, exc, tag):
+    import mlflow
+
+    from steps.runtime import ERROR_TAG, step_command
+
+    with pytest.raises(type(exc)), step_command() as run:
+        raise exc
+    assert MlflowClient().get_run(run.info.run_id).data.tags[ERROR_TAG] == tag
+    assert mlflow.active_run() is None
+
+
+def test_first_line_skips_leading_blank_lines():
+    from steps.errors import StepError, first_line
+
+    assert first_line(StepError("\n\n  disk full  \nmore")) == "disk full"
+    assert first_line(StepError()) == ""
