@@ -71,7 +71,8 @@ cfg = PipelineConfig(source="synthetic", models=("fast_net",), epochs=1, batch_s
 # called directly instead, each in a nested run, to time the pipeline without the processes.
 from steps import main as M
 from steps.download_data import download_data
-from steps.train import TrainConfig, train
+from steps.recipes import TrainConfig
+from steps.train import train
 from steps.evaluate import evaluate
 
 def run_step(entry_point, params, cfg, code):

@@ -13,6 +13,7 @@ Accuracy: the result network (the EMA's when on) on the test set, plain and with
 flip+shift test-time augmentation (cifar_models.inference.predict_logits).
 
     python benchmarks/train_speed.py --data <download_data output> --recipe fast --seeds 5
+    python benchmarks/train_speed.py --data <dir>/cifar-10-python.tar.gz --recipe fast --seeds 5
     python benchmarks/train_speed.py --data <dir> --recipe cpu --seeds 1 --train-limit 2000 --epochs 1
 
 Writes a JSON file (--out) with the machine, the date, the command, the resolved config and
@@ -26,6 +27,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -39,9 +41,9 @@ from torch import nn  # noqa: E402
 
 from steps import engine  # noqa: E402
 from steps.augment import POLICIES, build_policy  # noqa: E402
-from steps.data import CifarData, load_data  # noqa: E402
-from steps.find_lr import build_model  # noqa: E402
-from steps.train import (EVAL_BATCH, RECIPES, SCHEDULES, WHITEN_IMAGES, TrainConfig, epoch_size,  # noqa: E402
+from steps.artifacts import MANIFEST  # noqa: E402
+from steps.data import CifarData, load_data, read_cifar, write_data  # noqa: E402
+from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, WHITEN_IMAGES, TrainConfig, epoch_size,  # noqa: E402
                          resolve_config, validate, whiten_bias_trains)
 
 WARMUP_STEPS = 5  # compile warm-up: enough steps to compile the training step's graphs
@@ -73,7 +75,7 @@ class Clock:
 def train_seed(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, train_x, train_y,
                max_steps: int | None = None) -> nn.Module:
     """train's loop for cfg (max_lr must be set), untracked; returns the result network."""
-    model = build_model(cfg.model, cfg.seed, hw)
+    model = engine.build_model(cfg.model, cfg.seed, hw)
     if cfg.whiten:
         engine.whiten_first_conv(model, data.train_x[:WHITEN_IMAGES], data.mean, data.std)
     optimizer = engine.build_optimizer(cfg.optimizer, model, 1.0, cfg.weight_decay)
@@ -99,6 +101,19 @@ def train_seed(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, train_x, 
     return ema.module if ema is not None else model
 
 
+def read_data(uri: str) -> CifarData:
+    """download_data's output (a folder or runs:/ URI), or a python-version CIFAR-10 archive (the
+    .tar.gz or its extracted folder) read as download_data reads it. The archive needs no MLflow,
+    which a GPU machine may not have: only torch and numpy are imported on this path. Its arrays
+    go through write_data and load_data, so they get the same manifest and checks."""
+    path = Path(uri)
+    if "://" in uri or (path / MANIFEST).is_file():
+        return load_data(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_data(Path(tmp) / "data", *read_cifar(path), source=str(path))
+        return load_data(str(Path(tmp) / "data"))
+
+
 def machine(hw: engine.Hardware) -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(hw.device),
@@ -110,7 +125,7 @@ def machine(hw: engine.Hardware) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     hw = engine.hardware(args.device, args.precision)
-    data = load_data(args.data)
+    data = read_data(args.data)
     if args.train_limit:
         data = replace(data, train_x=data.train_x[:args.train_limit], train_y=data.train_y[:args.train_limit])
     if args.test_limit:
@@ -167,7 +182,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="download_data's output folder")
+    p.add_argument("--data", required=True,
+                   help="download_data's output (folder or runs:/ URI), or a cifar-10-python.tar.gz or its folder")
     p.add_argument("--recipe", default="fast", choices=[r for r in RECIPES if r != "custom"])
     p.add_argument("--seeds", type=int, default=5, help="number of seeds, from --first-seed")
     p.add_argument("--first-seed", type=int, default=0)

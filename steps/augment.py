@@ -8,6 +8,9 @@ Two kinds, both on uint8 images, so no float copy of a batch exists before the m
   whatever device the batch is on, batched with no per-image Python loop, for when CPU-side
   augmentation would starve a GPU.
 
+albumentations and OpenCV are imported only when an albumentations policy is built, so the
+tensor policies (and the training benchmark) run where only torch is installed.
+
 Randomness comes from the caller: an albumentations policy is reseeded once per epoch with a
 number drawn from the training generator, and the tensor policy draws from that generator
 directly, so a checkpoint of the generator's state replays the same augmentations on resume.
@@ -15,10 +18,10 @@ directly, so a checkpoint of the generator's state replays the same augmentation
 
 from collections.abc import Callable, Sequence
 
-import albumentations as A
-import cv2
 import numpy as np
 import torch
+
+from steps.errors import StepError
 
 # Data statistics arrive in [0, 1] units; fills are in pixel units.
 Mean = Sequence[float]
@@ -33,7 +36,7 @@ class AlbumentationsPolicy:
 
     on_device = False
 
-    def __init__(self, name: str, transform: A.Compose) -> None:
+    def __init__(self, name: str, transform) -> None:  # an albumentations Compose
         self.name = name
         self.transform = transform
 
@@ -108,6 +111,9 @@ def _reference(mean: Mean) -> AlbumentationsPolicy:
     # The ResNet-9 recipe: pad 4 on each side (reflected, so the crop never shows a black
     # band the test set has no counterpart of), random 32x32 crop, mirror, one 8x8 hole
     # filled with the mean so the normalised hole is zero.
+    import albumentations as A
+    import cv2
+
     return AlbumentationsPolicy("reference", A.Compose([
         A.PadIfNeeded(40, 40, border_mode=cv2.BORDER_REFLECT_101),
         A.RandomCrop(32, 32),
@@ -120,6 +126,9 @@ def _reference(mean: Mean) -> AlbumentationsPolicy:
 def _separable(mean: Mean) -> AlbumentationsPolicy:
     # The separable-net recipe: mirror, a small shift/scale/rotate (albumentations 2's Affine,
     # which replaces ShiftScaleRotate), one 16x16 hole filled with the mean.
+    import albumentations as A
+    import cv2
+
     return AlbumentationsPolicy("separable", A.Compose([
         A.HorizontalFlip(p=0.5),
         A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-15, 15),
@@ -137,10 +146,15 @@ POLICIES: dict[str, Callable[[Mean], Policy]] = {
     "tensor": TensorPolicy,
     # airbench94's augmentation: flip and translate, no cutout. A short run underfits rather
     # than overfits, and cutout's extra regularisation costs it accuracy (see the cpu recipe
-    # in steps/train.py).
+    # in steps/recipes.py).
     "flip_translate": lambda mean: TensorPolicy(mean, cutout=0, name="flip_translate"),
     "none": lambda mean: None,
 }
+
+
+def check_aug(name: str) -> None:
+    if name not in POLICIES:
+        raise StepError(f"unknown augmentation {name!r}; known: {', '.join(POLICIES)}")
 
 
 def build_policy(name: str, mean: Mean) -> Policy:

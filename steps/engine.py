@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from cifar_models.inference import predict_logits
+from cifar_models.registry import create_model
 from cifar_models.preprocess import normalize, to_nchw
 from steps.augment import Policy
 from steps.errors import StepError
@@ -130,6 +131,16 @@ def autocast(hw: Hardware) -> torch.autocast:
 def prepare_model(model: nn.Module, hw: Hardware) -> nn.Module:
     model = model.to(hw.device)
     return model.to(memory_format=torch.channels_last) if hw.channels_last else model
+
+
+def build_model(name: str, seed: int, hw: Hardware) -> nn.Module:
+    """The named network, initialised from `seed`, on the device in the training layout."""
+    torch.manual_seed(seed)
+    try:
+        model = create_model(name)
+    except ValueError as exc:
+        raise StepError(str(exc)) from None
+    return prepare_model(model, hw)
 
 
 # --- optimizers ------------------------------------------------------------------------------------

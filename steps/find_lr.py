@@ -15,12 +15,10 @@ import mlflow
 import torch
 from torch import nn
 
-from cifar_models.registry import create_model
 from steps import engine
 from steps.artifacts import PLOTS_DIR, SUGGESTED_LR_METRIC
-from steps.augment import POLICIES, build_policy
+from steps.augment import POLICIES, build_policy, check_aug
 from steps.data import CifarData, load_data
-from steps.errors import StepError
 from steps.options import WHOLE, log_params
 from steps.plots import lr_range_plot
 from steps.runtime import step_command
@@ -34,21 +32,6 @@ PLOT_NAME = "lr_range_test.png"
 START_LR = 1e-7
 END_LR = 10.0
 NUM_ITER = 100
-
-
-def build_model(name: str, seed: int, hw: engine.Hardware) -> nn.Module:
-    """The named network, initialised from `seed`, on the device in the training layout."""
-    torch.manual_seed(seed)
-    try:
-        model = create_model(name)
-    except ValueError as exc:
-        raise StepError(str(exc)) from None
-    return engine.prepare_model(model, hw)
-
-
-def check_aug(name: str) -> None:
-    if name not in POLICIES:
-        raise StepError(f"unknown augmentation {name!r}; known: {', '.join(POLICIES)}")
 
 
 def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, data: CifarData, *, batch_size: int,
@@ -93,7 +76,7 @@ def find_lr(data_uri: str, model_name: str = "fast_net", *, batch_size: int = 51
                        "start_lr": start_lr, "end_lr": end_lr, "num_iter": num_iter, "seed": seed,
                        "data_digest": data.digest})
     mlflow.set_tag("data_digest", data.digest)
-    model = build_model(model_name, seed, hw)
+    model = engine.build_model(model_name, seed, hw)
     opt = engine.build_optimizer(optimizer, model, start_lr, weight_decay)
     result = range_test(model, opt, data, batch_size=batch_size, aug=aug, label_smoothing=label_smoothing,
                         seed=seed, hw=hw, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter)

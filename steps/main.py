@@ -27,7 +27,7 @@ from steps.data import load_data
 from steps.errors import StepError
 from steps.options import WHOLE, OrNotGiven, log_params
 from steps.runtime import ERROR_TAG, step_command
-from steps.train import TrainConfig, resolve_config, validate
+from steps.recipes import TrainConfig, resolve_config, validate
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ CODE_TAG = "pipeline.code_version"
 class PipelineConfig:
     source: str = "cifar10"  # download_data's source: cifar10, synthetic, or a local copy
     models: tuple[str, ...] = ("custom_resnet",)  # architectures to train and compare
-    recipe: str = "reference"  # train's preset (steps.train.RECIPES): 24 epochs of one-cycle, LR from find_lr
+    recipe: str = "reference"  # train's preset (steps.recipes.RECIPES): 24 epochs of one-cycle, LR from find_lr
     # None = the recipe's value; one given here wins over the recipe, for every model.
     epochs: int | None = None
     batch_size: int | None = None

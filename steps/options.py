@@ -8,7 +8,7 @@ silently truncating it.
 "0"), before the step starts; MLflow refuses to log a param twice with another value, so a
 step logs its parsed values (1e-07, 0.0) only where the run does not hold them already.
 
-An empty parameter means "not given" (train's recipe-overridable options; see steps.train):
+An empty parameter means "not given" (train's recipe-overridable options; see steps.recipes):
 `mlflow run` logs it as '' and a step that resolved it to a value logs that as
 `<name>_resolved`, as the run's own `<name>` cannot be changed any more.
 """

@@ -240,7 +240,8 @@ def test_non_finite_loss_raises_a_clear_error(toy):
 
 
 def test_huge_lr_fails_the_train_run_and_logs_no_weights(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
-    from steps.train import TrainConfig, train
+    from steps.recipes import TrainConfig
+    from steps.train import train
 
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
     monkeypatch.chdir(tmp_path)  # the SQLite store's artifacts go to ./mlruns

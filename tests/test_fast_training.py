@@ -103,7 +103,7 @@ def test_a_frozen_whitening_bias_stays_put_while_the_rest_trains():
 
 
 def test_the_whitening_bias_trains_for_the_first_epochs_only_when_whitened():
-    from steps.train import TrainConfig, whiten_bias_trains
+    from steps.recipes import TrainConfig, whiten_bias_trains
 
     def trains(**kw):
         return [whiten_bias_trains(TrainConfig(epochs=4, **kw), epoch) for epoch in range(1, 5)]
@@ -162,7 +162,8 @@ def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri
     from mlflow.tracking import MlflowClient
 
     from steps import engine
-    from steps.train import TrainConfig, train
+    from steps.recipes import TrainConfig
+    from steps.train import train
 
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
     cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0.05, aug="tensor", schedule="warmup_linear",
@@ -196,7 +197,7 @@ def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri
 # --- progressive resizing ----------------------------------------------------------------------------
 
 def test_the_first_fraction_of_the_epochs_is_low_res_and_never_the_last():
-    from steps.train import TrainConfig, epoch_size
+    from steps.recipes import TrainConfig, epoch_size
 
     def sizes(epochs, **kw):
         cfg = TrainConfig(epochs=epochs, **kw)
@@ -212,7 +213,7 @@ def test_the_first_fraction_of_the_epochs_is_low_res_and_never_the_last():
 @pytest.mark.parametrize("field, value", [("low_res", -1), ("low_res", 40), ("low_res_pct", 1.0), ("low_res_pct", -0.1)])
 def test_low_res_settings_out_of_range_are_refused(field, value):
     from steps.errors import StepError
-    from steps.train import TrainConfig, validate
+    from steps.recipes import TrainConfig, validate
 
     with pytest.raises(StepError, match=field):
         validate(TrainConfig(**{field: value}))
@@ -220,7 +221,7 @@ def test_low_res_settings_out_of_range_are_refused(field, value):
 
 def test_a_low_res_the_model_cannot_take_is_refused_before_any_work():
     from steps.errors import StepError
-    from steps.train import TrainConfig, validate
+    from steps.recipes import TrainConfig, validate
 
     validate(TrainConfig(model="fast_net_small", low_res=16))  # 16 -> 15 -> 7 -> 3 -> 1
     with pytest.raises(StepError, match="custom_resnet cannot take 16x16 images"):
@@ -251,7 +252,7 @@ def test_a_low_res_epoch_feeds_the_model_downscaled_channels_last_images():
 # --- recipes -----------------------------------------------------------------------------------------
 
 def test_recipe_beats_default_and_an_explicit_option_beats_the_recipe():
-    from steps.train import RECIPES, TrainConfig, resolve_config
+    from steps.recipes import RECIPES, TrainConfig, resolve_config
 
     assert resolve_config("custom", {"epochs": None}) == TrainConfig()
     cpu = resolve_config("cpu", {"epochs": None, "whiten": None})
@@ -262,7 +263,7 @@ def test_recipe_beats_default_and_an_explicit_option_beats_the_recipe():
     assert (mixed.epochs, mixed.whiten, mixed.ema) == (3, False, 0.99)
     assert resolve_config("reference", {}) == TrainConfig()  # today's defaults, spelled out
     for name in RECIPES:  # every recipe is a valid config
-        from steps.train import validate
+        from steps.recipes import validate
         validate(resolve_config(name, {}))
 
 
@@ -290,7 +291,7 @@ def test_mlproject_train_entry_passes_every_config_field():
 
     import yaml
 
-    from steps.train import TrainConfig
+    from steps.recipes import TrainConfig
     from tests.conftest import REPO
 
     entry = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["train"]

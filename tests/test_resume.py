@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from steps import engine
 from steps.data import synthetic, write_data
-from steps.train import EPOCH_METRICS, TrainConfig, train
+from steps.recipes import TrainConfig
+from steps.train import EPOCH_METRICS, train
 from tests.conftest import REPO, mlflow_run_env
 
 

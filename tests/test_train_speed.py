@@ -16,3 +16,28 @@ def test_train_speed_smoke_on_cpu(synthetic_data_dir, tmp_path):
     assert saved["config"]["epochs"] == 1 and saved["config"]["whiten"] and saved["compile_warmup_seconds"] is None
     assert saved["summary"]["test_accuracy"]["median"] == row["test_accuracy"]
     assert saved["command"].startswith("python benchmarks/train_speed.py --data")
+
+
+def test_train_speed_runs_from_an_archive_without_mlflow_or_albumentations(tmp_path):
+    """The GPU machines this benchmark is for have torch but not MLflow, albumentations or
+    torchinfo: with those made unimportable, it still trains from the raw archive."""
+    import subprocess
+    import sys
+
+    from steps import data as D
+    from tests.conftest import REPO
+    from tests.test_download_data import make_archive
+
+    archive = make_archive(tmp_path / D.ARCHIVE_NAME)
+    out = tmp_path / "speed.json"
+    args = ["--data", str(archive), "--recipe", "cpu", "--seeds", "1", "--epochs", "1", "--batch-size", "32",
+            "--device", "cpu", "--out", str(out)]
+    code = ("import runpy, sys\n"
+            "sys.modules.update(dict.fromkeys(['mlflow', 'albumentations', 'cv2', 'torchinfo']))\n"
+            f"sys.argv = ['train_speed.py', *{args!r}]\n"
+            "runpy.run_path('benchmarks/train_speed.py', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = json.loads(out.read_text())
+    assert saved["data"]["train_size"] == 5 * 30 and saved["data"]["source"] == str(archive)
+    assert 0 <= saved["seeds"][0]["test_accuracy"] <= 1
