@@ -44,7 +44,7 @@ from steps.augment import POLICIES, build_policy  # noqa: E402
 from steps.artifacts import MANIFEST  # noqa: E402
 from steps.data import CifarData, load_data, read_cifar, write_data  # noqa: E402
 from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, WHITEN_IMAGES, TrainConfig, epoch_size,  # noqa: E402
-                         resolve_config, validate, whiten_bias_trains)
+                           resolve_config, validate, whiten_bias_trains)
 
 WARMUP_STEPS = 5  # compile warm-up: enough steps to compile the training step's graphs
 

@@ -21,8 +21,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from cifar_models.inference import predict_logits
-from cifar_models.registry import create_model
 from cifar_models.preprocess import normalize, to_nchw
+from cifar_models.registry import create_model
 from steps.augment import Policy
 from steps.errors import StepError
 
