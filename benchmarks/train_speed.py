@@ -43,6 +43,7 @@ from steps import engine  # noqa: E402
 from steps.augment import POLICIES, build_policy  # noqa: E402
 from steps.artifacts import MANIFEST  # noqa: E402
 from steps.data import CifarData, load_data, read_cifar, write_data  # noqa: E402
+from steps.errors import StepError  # noqa: E402
 from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, WHITEN_IMAGES, TrainConfig, epoch_size,  # noqa: E402
                            resolve_config, validate, whiten_bias_trains)
 
@@ -207,7 +208,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
-    result = {"command": " ".join(["python", "benchmarks/train_speed.py", *argv]), **run(args)}
+    try:
+        result = {"command": " ".join(["python", "benchmarks/train_speed.py", *argv]), **run(args)}
+    except StepError as exc:  # bad data or config: the step's one-line message, no traceback
+        raise SystemExit(f"error: {exc}") from None
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

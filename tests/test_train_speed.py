@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import train_speed
 
 
@@ -41,3 +43,11 @@ def test_train_speed_runs_from_an_archive_without_mlflow_or_albumentations(tmp_p
     saved = json.loads(out.read_text())
     assert saved["data"]["train_size"] == 5 * 30 and saved["data"]["source"] == str(archive)
     assert 0 <= saved["seeds"][0]["test_accuracy"] <= 1
+
+
+def test_train_speed_refuses_a_missing_archive_in_one_line(tmp_path):
+    missing = tmp_path / "nowhere.tar.gz"
+    with pytest.raises(SystemExit) as stopped:
+        train_speed.main(["--data", str(missing), "--recipe", "cpu", "--out", str(tmp_path / "x.json")])
+    assert str(stopped.value) == f"error: {missing}: no such file or folder"
+    assert not (tmp_path / "x.json").exists()
