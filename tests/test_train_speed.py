@@ -1,4 +1,5 @@
-"""A smoke run of benchmarks/train_speed.py: one seed, one epoch, 200 synthetic images."""
+"""benchmarks/train_speed.py: smoke runs (synthetic data; a raw archive with MLflow and albumentations
+unimportable) and its one-line error for a missing archive."""
 
 import json
 
