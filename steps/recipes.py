@@ -24,7 +24,7 @@ from steps import engine
 from steps.augment import check_aug
 from steps.errors import StepError
 
-EVAL_BATCH = 1024
+EVAL_BATCH = 1024  # images per forward in the test passes (train's per epoch, the benchmark's at the end)
 WHITEN_IMAGES = 5000  # airbench94's sample: plenty for a 12x12 covariance
 
 
