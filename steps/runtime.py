@@ -73,8 +73,10 @@ def step_command() -> Iterator[mlflow.ActiveRun]:
                 yield run
             except Exception as exc:
                 # The message, as a tag, is what the main driver reports for a failed step.
-                message = first_line(exc) if isinstance(exc, StepError) else f"{type(exc).__name__}: {first_line(exc)}"
-                mlflow.set_tag(ERROR_TAG, message[:5000])
+                line = first_line(exc)
+                if not isinstance(exc, StepError):  # a bug: its type says more than its message
+                    line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+                mlflow.set_tag(ERROR_TAG, line[:5000])
                 raise
     except StepError as exc:
         raise click.ClickException(str(exc)) from None
