@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -40,9 +41,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from steps import engine  # noqa: E402
-from steps.augment import POLICIES, build_policy  # noqa: E402
 from steps.artifacts import MANIFEST  # noqa: E402
-from steps.data import CifarData, load_data, read_cifar, write_data  # noqa: E402
+from steps.augment import POLICIES, build_policy  # noqa: E402
+from steps.data import CifarData, load_data, local_path, read_cifar, write_data  # noqa: E402
 from steps.errors import StepError  # noqa: E402
 from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, WHITEN_IMAGES, TrainConfig, epoch_size,  # noqa: E402
                            resolve_config, validate, whiten_bias_trains)
@@ -103,13 +104,17 @@ def train_seed(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, train_x, 
 
 
 def read_data(uri: str) -> CifarData:
-    """download_data's output (a folder or runs:/ URI), or a python-version CIFAR-10 archive (the
-    .tar.gz or its extracted folder) read as download_data reads it. The archive needs no MLflow,
-    which a GPU machine may not have: only torch and numpy are imported on this path. Its arrays
-    go through write_data and load_data, so they get the same manifest and checks."""
-    path = Path(uri)
-    if "://" in uri or (path / MANIFEST).is_file():
+    """download_data's output (a folder, or a runs:/ or other artifact URI), or a python-version
+    CIFAR-10 archive (the .tar.gz or its extracted folder, as a path or file:// URL) read as
+    download_data reads its source. The archive needs no MLflow, which a GPU machine may not
+    have: only torch and numpy are imported on this path. Its arrays go through write_data and
+    load_data, so they get the same manifest and checks."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    if len(scheme) > 1 and scheme != "file":  # runs:/, s3:// ...; one letter is a Windows drive
         return load_data(uri)
+    path = local_path(uri)
+    if (path / MANIFEST).is_file():
+        return load_data(str(path))
     with tempfile.TemporaryDirectory() as tmp:
         write_data(Path(tmp) / "data", *read_cifar(path), source=str(path))
         return load_data(str(Path(tmp) / "data"))

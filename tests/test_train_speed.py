@@ -46,6 +46,16 @@ def test_train_speed_runs_from_an_archive_without_mlflow_or_albumentations(tmp_p
     assert 0 <= saved["seeds"][0]["test_accuracy"] <= 1
 
 
+def test_read_data_takes_an_archive_as_a_path_or_a_file_url(tmp_path):
+    from steps import data as D
+    from tests.test_download_data import make_archive
+
+    archive = make_archive(tmp_path / D.ARCHIVE_NAME)
+    by_path, by_url = train_speed.read_data(str(archive)), train_speed.read_data(archive.as_uri())
+    assert by_url.digest == by_path.digest and len(by_url.train_y) == 5 * 30
+    assert by_url.source == str(archive)
+
+
 def test_train_speed_refuses_a_missing_archive_in_one_line(tmp_path):
     missing = tmp_path / "nowhere.tar.gz"
     with pytest.raises(SystemExit) as stopped:
