@@ -88,7 +88,7 @@ def find_lr(data_uri: str, model_name: str = "fast_net", *, batch_size: int = 51
 @click.option("--data", "data_uri", required=True, help="download_data's output: a folder or runs:/<run_id>/data.")
 @click.option("--model", default="fast_net", show_default=True, help="Architecture name in cifar_models.")
 @click.option("--batch-size", default=512, type=WHOLE, show_default=True)
-@click.option("--optimizer", default="sgd", show_default=True, help="sgd (Nesterov momentum 0.9), adam or adamw.")
+@click.option("--optimizer", default="sgd", show_default=True, help="sgd (Nesterov momentum 0.9), adam, adamw or muon (steps.engine.MuonSGD).")
 @click.option("--weight-decay", default=5e-4, show_default=True)
 @click.option("--label-smoothing", default=0.1, show_default=True)
 @click.option("--aug", default="reference", show_default=True, help=f"Augmentation policy: {', '.join(POLICIES)}.")

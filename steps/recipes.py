@@ -35,7 +35,7 @@ class TrainConfig:
     batch_size: int = 512  # images per optimizer step; the last partial batch of an epoch is dropped
     max_lr: float = 0.0  # peak LR of the schedule; 0 = lr_run's suggested_lr, or a range test in this run
     lr_run: str = ""  # find_lr run ID whose suggested_lr is the peak LR when max_lr is 0
-    optimizer: str = "sgd"  # sgd (Nesterov momentum 0.9), adam or adamw
+    optimizer: str = "sgd"  # sgd (Nesterov momentum 0.9), adam, adamw, or muon (Muon on the conv filters)
     weight_decay: float = 5e-4  # L2 penalty (sgd, adam) or decoupled decay per unit LR (adamw)
     label_smoothing: float = 0.1  # weight moved from the true class to all classes in the training loss
     aug: str = "reference"  # augmentation policy, a name in steps.augment.POLICIES

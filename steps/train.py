@@ -281,7 +281,7 @@ def _default(name: str) -> str:
 @click.option("--batch-size", type=OrNotGiven(WHOLE), help=_default("batch_size"))
 @click.option("--max-lr", type=OrNotGiven(click.FLOAT), help=f"Peak LR, 0 = from --lr-run or a range test; {_default('max_lr')}.")
 @click.option("--lr-run", default=TrainConfig.lr_run, help="A find_lr run ID whose suggested_lr to use when max-lr is 0.")
-@click.option("--optimizer", type=OrNotGiven(click.STRING), help=f"sgd, adam or adamw; {_default('optimizer')}.")
+@click.option("--optimizer", type=OrNotGiven(click.STRING), help=f"sgd, adam, adamw or muon; {_default('optimizer')}.")
 @click.option("--weight-decay", type=OrNotGiven(click.FLOAT), help=_default("weight_decay"))
 @click.option("--label-smoothing", type=OrNotGiven(click.FLOAT), help=_default("label_smoothing"))
 @click.option("--aug", type=OrNotGiven(click.STRING), help=f"Augmentation policy: {', '.join(POLICIES)}; {_default('aug')}.")

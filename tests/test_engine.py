@@ -1,4 +1,4 @@
-"""The shared engine on synthetic data: schedules, batches, augmentation, one epoch of
+"""The shared engine on synthetic data: schedules, the Muon optimizer, batches, augmentation, one epoch of
 training, the LR range test, the NaN guard and atomic checkpoints. A tiny network stands in
 for the registry's models wherever the architecture does not matter, to keep this fast."""
 
@@ -113,6 +113,85 @@ def test_a_bf16_channels_last_step_keeps_float_batchnorm_and_loss(toy):
     assert model[1].running_mean.dtype == torch.float32
 
 
+# --- optimizers -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(32, 216), (216, 32), (128, 1152)])
+def test_orthogonalize_keeps_the_singular_vectors_and_brings_the_values_near_one(shape):
+    g = 1e3 * torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    out = engine.orthogonalize(g)
+    assert out.shape == shape
+    values = torch.linalg.svdvals(out)
+    assert 0.6 < values.min() and values.max() < 1.25
+    # Same singular vectors: U^T out V is diagonal, its diagonal the new singular values.
+    core = u.T @ out @ vh.T
+    assert torch.allclose(core, torch.diag(torch.diagonal(core)), atol=1e-3)
+
+
+def test_orthogonalize_lifts_small_singular_values_without_reaching_one():
+    u, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(1)))
+    v, _ = torch.linalg.qr(torch.randn(200, 64, generator=torch.Generator().manual_seed(2)))
+    values = torch.logspace(0, -3, 64)
+    out = torch.linalg.svdvals(engine.orthogonalize(u @ torch.diag(values) @ v.T))
+    assert out.max() < 1.25 and 10 * values.min() < out.min() < 0.1  # 3 steps stop short of 1
+
+
+def test_muon_sgd_steps_the_other_weights_as_nesterov_sgd_and_skips_frozen_filters():
+    x, y = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(8)
+    nets = [tiny_net(), tiny_net()]
+    for net in nets:
+        net[0].weight.requires_grad_(False)  # as train freezes a whitened first conv
+    frozen = nets[0][0].weight.clone()
+    muon = engine.build_optimizer("muon", nets[0], 0.1, 5e-4)
+    sgd = torch.optim.SGD(nets[1].parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    for _ in range(3):
+        for net, optimizer in zip(nets, (muon, sgd)):
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.equal(nets[0][0].weight, frozen)
+
+
+def test_muon_sgd_rescales_a_filter_bank_then_takes_an_orthogonal_step_of_a_third_of_the_lr():
+    net = tiny_net()
+    conv = net[0].weight  # (16, 3, 3, 3), followed by BatchNorm
+    optimizer = engine.build_optimizer("muon", net, 0.3, 5e-4)
+    nn.functional.cross_entropy(net(torch.randn(8, 3, 8, 8)), torch.arange(8)).backward()
+    before = conv.detach().clone()
+    optimizer.step()
+    rescaled = before * (16 ** 0.5 / before.norm())
+    step = (rescaled - conv.detach()).flatten(1) / (0.3 / 3)
+    values = torch.linalg.svdvals(step)
+    assert 0.6 < values.min() and values.max() < 1.25
+    # Down the gradient: the step points along the gradient, not against it.
+    assert (step * conv.grad.flatten(1)).sum() > 0
+
+
+def test_muon_sgd_resumes_from_its_state_dict():
+    x, y = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(8)
+
+    def train(net, optimizer, steps):
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+
+    straight = tiny_net()
+    train(straight, engine.build_optimizer("muon", straight, 0.1, 5e-4), 4)
+    first = tiny_net()
+    optimizer = engine.build_optimizer("muon", first, 0.1, 5e-4)
+    train(first, optimizer, 2)
+    second = tiny_net()
+    second.load_state_dict(first.state_dict())
+    resumed = engine.build_optimizer("muon", second, 0.1, 5e-4)
+    resumed.load_state_dict(optimizer.state_dict())
+    train(second, resumed, 2)
+    for a, b in zip(straight.parameters(), second.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 # --- batches and augmentation -------------------------------------------------------------------------
 
 def test_batches_cover_the_set_once_stay_uint8_and_replay_from_the_seed():
@@ -195,9 +274,9 @@ def test_tensor_policy_flips_shifts_and_cuts_out_on_cpu():
 
 # --- one epoch, evaluation, the NaN guard ------------------------------------------------------------------
 
-def run_epochs(model, toy, epochs: int, max_lr: float, batch_size: int = 64):
+def run_epochs(model, toy, epochs: int, max_lr: float, batch_size: int = 64, optimizer: str = "sgd"):
     train_x, train_y, test_x, test_y, mean, std = toy
-    optimizer = engine.build_optimizer("sgd", model, 1.0, 5e-4)
+    optimizer = engine.build_optimizer(optimizer, model, 1.0, 5e-4)
     steps = engine.num_batches(len(train_y), batch_size, drop_last=True)
     scheduler = engine.lambda_scheduler(optimizer, lambda s: engine.one_cycle_lr(s, epochs * steps, max_lr, 0.25, 10, 100))
     generator = torch.Generator().manual_seed(0)
@@ -209,8 +288,9 @@ def run_epochs(model, toy, epochs: int, max_lr: float, batch_size: int = 64):
     return losses, engine.evaluate(model, test_x, test_y, mean, std, batch_size=100)
 
 
-def test_loss_falls_on_the_learnable_toy_set(toy):
-    losses, (test_loss, test_accuracy, logits) = run_epochs(tiny_net(), toy, epochs=4, max_lr=0.2)
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_loss_falls_on_the_learnable_toy_set(toy, optimizer):
+    losses, (test_loss, test_accuracy, logits) = run_epochs(tiny_net(), toy, epochs=4, max_lr=0.2, optimizer=optimizer)
     assert losses[-1][0] < 0.7 * losses[0][0]
     assert losses[-1][1] > losses[0][1]
     assert test_accuracy > 0.4  # chance is 0.1

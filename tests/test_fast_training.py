@@ -154,10 +154,11 @@ def test_ema_decay_warms_up_to_its_cap():
     assert float(ema_decay_at(0.99, 10_000)) == 0.99 and float(ema_decay_at(0.5, 20)) == 0.5
 
 
-def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch, optimizer):
     """As test_resume's crash test, with the EMA and the frozen whitening conv in the state,
     and a first epoch at low resolution, with the whitening bias training, that the resumed
-    run must not repeat."""
+    run must not repeat; and with Muon's state (its momentum buffers) in the checkpoint."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -167,7 +168,7 @@ def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri
 
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
     cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0.05, aug="tensor", schedule="warmup_linear",
-                      whiten=True, ema=0.9, low_res=24, low_res_pct=0.5, whiten_bias_epochs=1)
+                      whiten=True, ema=0.9, low_res=24, low_res_pct=0.5, whiten_bias_epochs=1, optimizer=optimizer)
     real_save = engine.save_checkpoint
 
     def save_then_crash(path, state):
