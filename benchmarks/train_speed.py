@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.test_limit:
         data = replace(data, test_x=data.test_x[:args.test_limit], test_y=data.test_y[:args.test_limit])
     given = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "max_lr": args.max_lr,
-             "aug": args.aug, "compile": {None: None, "true": True, "false": False}[args.compile],
+             "optimizer": args.optimizer, "aug": args.aug, "compile": {None: None, "true": True, "false": False}[args.compile],
              "low_res": args.low_res, "low_res_pct": args.low_res_pct, "whiten_bias_epochs": args.whiten_bias_epochs}
     base = resolve_config(args.recipe, given)
     validate(base)
@@ -197,6 +197,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="override the recipe's")
     p.add_argument("--batch-size", type=int, help="override the recipe's")
     p.add_argument("--max-lr", type=float, help="override the recipe's")
+    p.add_argument("--optimizer", choices=sorted(engine.OPTIMIZERS), help="override the recipe's")
     p.add_argument("--aug", choices=sorted(POLICIES), help="override the recipe's")
     p.add_argument("--compile", choices=["true", "false"], help="override the recipe's")
     p.add_argument("--low-res", type=int, help="override the recipe's (0 = full size throughout)")
