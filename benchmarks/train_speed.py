@@ -137,8 +137,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.test_limit:
         data = replace(data, test_x=data.test_x[:args.test_limit], test_y=data.test_y[:args.test_limit])
     given = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "max_lr": args.max_lr,
-             "optimizer": args.optimizer, "aug": args.aug, "compile": {None: None, "true": True, "false": False}[args.compile],
-             "low_res": args.low_res, "low_res_pct": args.low_res_pct, "whiten_bias_epochs": args.whiten_bias_epochs}
+             "optimizer": args.optimizer, "aug": args.aug, "low_res": args.low_res, "low_res_pct": args.low_res_pct,
+             "whiten_bias_epochs": args.whiten_bias_epochs,
+             "compile": {None: None, "true": True, "false": False}[args.compile]}
     base = resolve_config(args.recipe, given)
     validate(base)
     if base.max_lr <= 0:

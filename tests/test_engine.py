@@ -1,6 +1,6 @@
-"""The shared engine on synthetic data: schedules, the Muon optimizer, batches, augmentation, one epoch of
-training, the LR range test, the NaN guard and atomic checkpoints. A tiny network stands in
-for the registry's models wherever the architecture does not matter, to keep this fast."""
+"""The shared engine on synthetic data: schedules, the Muon optimizer, batches, augmentation,
+one epoch of training, the LR range test, the NaN guard and atomic checkpoints. A tiny network
+stands in for the registry's models wherever the architecture does not matter, to keep this fast."""
 
 import math
 
@@ -165,7 +165,7 @@ def test_muon_sgd_rescales_a_filter_bank_then_takes_an_orthogonal_step_of_a_thir
     step = (rescaled - conv.detach()).flatten(1) / (0.3 / 3)
     values = torch.linalg.svdvals(step)
     assert 0.6 < values.min() and values.max() < 1.25
-    # Down the gradient: the step points along the gradient, not against it.
+    # A descent step: what was taken off the weights points along their gradient.
     assert (step * conv.grad.flatten(1)).sum() > 0
 
 
