@@ -154,7 +154,7 @@ def test_muon_sgd_steps_the_other_weights_as_nesterov_sgd_and_skips_frozen_filte
     assert torch.equal(nets[0][0].weight, frozen)
 
 
-def test_muon_sgd_rescales_a_filter_bank_then_takes_an_orthogonal_step_of_a_third_of_the_lr():
+def test_muon_sgd_rescales_a_filter_bank_then_takes_an_orthogonal_step_of_a_sixth_of_the_lr():
     net = tiny_net()
     conv = net[0].weight  # (16, 3, 3, 3), followed by BatchNorm
     optimizer = engine.build_optimizer("muon", net, 0.3, 5e-4)
@@ -162,7 +162,7 @@ def test_muon_sgd_rescales_a_filter_bank_then_takes_an_orthogonal_step_of_a_thir
     before = conv.detach().clone()
     optimizer.step()
     rescaled = before * (16 ** 0.5 / before.norm())
-    step = (rescaled - conv.detach()).flatten(1) / (0.3 / 3)
+    step = (rescaled - conv.detach()).flatten(1) / (0.3 / 6)
     values = torch.linalg.svdvals(step)
     assert 0.6 < values.min() and values.max() < 1.25
     # A descent step: what was taken off the weights points along their gradient.
