@@ -75,32 +75,35 @@ RECIPES: dict[str, dict[str, object]] = {
     "fast": {"model": "fast_net", "epochs": 10, "batch_size": 1024, "max_lr": 0.8, "optimizer": "sgd",
              "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "flip_translate", "schedule": "warmup_linear",
              "pct_start": 0.2, "whiten": True, "ema": 0.98, "compile": True},
-    # For a 2-core CPU: about 14 minutes of training on an AVX2-only one. There fast_net's
-    # training step costs 6.5-6.8 ms an image in float32 + channels_last at any batch from 128
-    # to 512 (benchmarks/step_time.py), so an epoch is ~330 s and only two fit in 15 minutes
-    # (81.3% on the full data, README); fast_net_small costs ~2.1 ms an image, and seven of its
-    # epochs fit, or nine when the first five are downscaled to 24x24 (progressive resizing,
-    # epoch_size), which cost ~0.6x a full-size epoch. At a peak LR of 0.2 the nine tested 86.2%
-    # for seeds 0 and 1 where the seven tested 85.9% and 86.2% (87.4% against 87.0% with
-    # flip+shift TTA; README's Results). In so few epochs more, smaller steps learn more for the
-    # same time: on 10,000 images for 2 epochs of fast_net, batch 128 at LR 0.1 tested 59.6% where
-    # batch 512 at 0.4 tested 44.2%, and 0.2 at batch 128 61.6% (2026-11-21, one seed each:
-    # `benchmarks/train_speed.py --recipe cpu --model fast_net --epochs 2 --batch-size B --max-lr
-    # LR --train-limit 10000 --test-limit 2000 --seeds 1`, all at full size, as --low-res 0 is
-    # today). For the nine epochs of fast_net_small the peak is 0.3: seed 1 tested 86.52% at 0.3,
-    # 86.21% at 0.2 and 86.17% at 0.4 (flip+shift TTA 87.40%, 87.39%, 87.11%; `--recipe cpu
-    # --max-lr LR --seeds 1 --first-seed 1`, benchmarks/results/train-speed-cpu-recipe-*seed1-*),
-    # seed 0 end to end 86.38% at 0.3 against 86.18% at 0.2 (87.68% against 87.33%; README).
-    # Flip and translate, batched, cost far less per batch than per-image albumentations;
-    # cutout is left out, as in airbench94: 3 epochs on 20,000 images tested 75.3% without it and
-    # 72.9% with it (one seed each, 2026-11-22: `... --recipe cpu --epochs 3 --low-res 0
-    # --max-lr 0.2 --train-limit 20000 --seeds 1 --aug flip_translate|tensor`,
-    # benchmarks/results/train-3ep-20k-*). Whitening and an EMA (its decay warms up, see
-    # engine.ema_decay_at) as in `fast`, but the whitening bias trains throughout: frozen after
-    # epoch 3, as airbench94 freezes it, a step takes ~0.94x the time, and seeds 0 and 1 tested
-    # 0.16 and 0.19 points lower (README); this budget has no use for the time. No compile: its
-    # warm-up on a CPU takes minutes and gains little there. On a CPU with native bf16 a step is
-    # ~2.5x faster: give more epochs, or fast_net, there.
+    # For a 2-core CPU: just under 15 minutes of training on an AVX2-only one. There fast_net's
+    # training step costs 6.5-6.8 ms an image in float32 + channels_last at any batch from 128 to
+    # 512 (benchmarks/step_time.py), so an epoch is ~330 s and only two fit in 15 minutes (81.3% on
+    # the full data, README); fast_net_small costs ~2.1 ms an image, and seven of its epochs fit, or
+    # nine when the first five are downscaled to 24x24 (progressive resizing, epoch_size), which
+    # cost ~0.6x a full-size epoch. At a peak LR of 0.2 the nine tested 86.2% for seeds 0 and 1
+    # where the seven tested 85.9% and 86.2% (87.4% against 87.0% with flip+shift TTA; README's
+    # Results). In so few epochs more, smaller steps learn more for the same time: on 10,000 images
+    # for 2 epochs of fast_net, batch 128 at LR 0.1 tested 59.6% where batch 512 at 0.4 tested
+    # 44.2%, and 0.2 at batch 128 61.6% (2026-11-21, one seed each: `benchmarks/train_speed.py
+    # --recipe cpu --model fast_net --epochs 2 --batch-size B --max-lr LR --train-limit 10000
+    # --test-limit 2000 --seeds 1`, all at full size and with SGD, as --low-res 0 --optimizer sgd
+    # are today). Until "Muon" below, every figure here is SGD's. For the nine epochs of
+    # fast_net_small the peak is 0.3: seed 1 tested 86.52% at 0.3, 86.21% at 0.2 and 86.17% at 0.4
+    # (flip+shift TTA 87.40%, 87.39%, 87.11%; `--recipe cpu --optimizer sgd --max-lr LR --seeds 1
+    # --first-seed 1`, benchmarks/results/train-speed-cpu-recipe-*seed1-*), seed 0 end to end 86.38%
+    # at 0.3 against 86.18% at 0.2 (87.68% against 87.33%; README). Flip and translate, batched,
+    # cost far less per batch than per-image albumentations; cutout is left out, as in airbench94: 3
+    # epochs on 20,000 images tested 75.3% without it and 72.9% with it (one seed each, 2026-11-22:
+    # `... --recipe cpu --epochs 3 --low-res 0 --max-lr 0.2 --train-limit 20000 --seeds 1 --aug
+    # flip_translate|tensor`, benchmarks/results/train-3ep-20k-*). Whitening and an EMA (its decay
+    # warms up, see engine.ema_decay_at) as in `fast`, but the whitening bias trains throughout:
+    # frozen after epoch 3, as airbench94 freezes it, a step takes ~0.94x the time, and seeds 0 and
+    # 1 tested 0.16 and 0.19 points lower (README); this budget has no use for the time. No compile:
+    # its warm-up on a CPU takes minutes and gains little there. Muon on the conv filters (optimizer
+    # muon, engine.MuonSGD), SGD for the rest: seed 0 end to end tested 86.87% against SGD's 86.38%
+    # (88.09% against 87.68% with TTA; README), for ~8% more time per epoch, which the 15 minutes
+    # still hold. On a CPU with native bf16 a step is ~2.5x faster: give more epochs, or fast_net,
+    # there.
     "cpu": {"model": "fast_net_small", "epochs": 9, "batch_size": 128, "max_lr": 0.3, "optimizer": "muon",
             "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "flip_translate", "schedule": "warmup_linear",
             "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False, "low_res": 24, "low_res_pct": 5 / 9},
