@@ -94,8 +94,8 @@ RECIPES: dict[str, dict[str, object]] = {
     # at 0.3 against 86.18% at 0.2 (87.68% against 87.33%; README). Flip and translate, batched,
     # cost far less per batch than per-image albumentations; cutout is left out, as in airbench94: 3
     # epochs on 20,000 images tested 75.3% without it and 72.9% with it (one seed each, 2026-11-22:
-    # `... --recipe cpu --epochs 3 --low-res 0 --max-lr 0.2 --train-limit 20000 --seeds 1 --aug
-    # flip_translate|tensor`, benchmarks/results/train-3ep-20k-*). Whitening and an EMA (its decay
+    # `... --recipe cpu --optimizer sgd --epochs 3 --low-res 0 --max-lr 0.2 --train-limit 20000
+    # --seeds 1 --aug flip_translate|tensor`, benchmarks/results/train-3ep-20k-*). Whitening and an EMA (its decay
     # warms up, see engine.ema_decay_at) as in `fast`, but the whitening bias trains throughout:
     # frozen after epoch 3, as airbench94 freezes it, a step takes ~0.94x the time, and seeds 0 and
     # 1 tested 0.16 and 0.19 points lower (README); this budget has no use for the time. No compile:
