@@ -95,15 +95,15 @@ RECIPES: dict[str, dict[str, object]] = {
     # cost far less per batch than per-image albumentations; cutout is left out, as in airbench94: 3
     # epochs on 20,000 images tested 75.3% without it and 72.9% with it (one seed each, 2026-11-22:
     # `... --recipe cpu --optimizer sgd --epochs 3 --low-res 0 --max-lr 0.2 --train-limit 20000
-    # --seeds 1 --aug flip_translate|tensor`, benchmarks/results/train-3ep-20k-*). Whitening and an EMA (its decay
-    # warms up, see engine.ema_decay_at) as in `fast`, but the whitening bias trains throughout:
-    # frozen after epoch 3, as airbench94 freezes it, a step takes ~0.94x the time, and seeds 0 and
-    # 1 tested 0.16 and 0.19 points lower (README); this budget has no use for the time. No compile:
-    # its warm-up on a CPU takes minutes and gains little there. Muon on the conv filters (optimizer
-    # muon, engine.MuonSGD), SGD for the rest: seed 0 end to end tested 86.87% against SGD's 86.38%
-    # (88.09% against 87.68% with TTA; README), for ~8% more time per epoch, which the 15 minutes
-    # still hold. On a CPU with native bf16 a step is ~2.5x faster: give more epochs, or fast_net,
-    # there.
+    # --seeds 1 --aug flip_translate|tensor`, benchmarks/results/train-3ep-20k-*). Whitening and an
+    # EMA (its decay warms up, see engine.ema_decay_at) as in `fast`, but the whitening bias trains
+    # throughout: frozen after epoch 3, as airbench94 freezes it, a step takes ~0.94x the time, and
+    # seeds 0 and 1 tested 0.16 and 0.19 points lower (README); this budget has no use for the time.
+    # No compile: its warm-up on a CPU takes minutes and gains little there. Muon on the conv
+    # filters (optimizer muon, engine.MuonSGD), SGD for the rest: seed 0 end to end tested 86.87%
+    # against SGD's 86.38% (88.09% against 87.68% with TTA; README), for ~8% more time per epoch,
+    # which the 15 minutes still hold. On a CPU with native bf16 a step is ~2.5x faster: give more
+    # epochs, or fast_net, there.
     "cpu": {"model": "fast_net_small", "epochs": 9, "batch_size": 128, "max_lr": 0.3, "optimizer": "muon",
             "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "flip_translate", "schedule": "warmup_linear",
             "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False, "low_res": 24, "low_res_pct": 5 / 9},
