@@ -1,8 +1,7 @@
 """Training time-to-accuracy of a train recipe, without MLflow: N seeds, medians and means.
 
 The loop is train's (steps.train._train_locked) with the tracking and the checkpoints taken
-out: the same model build, whitening, optimizer, schedule, EMA, augmentation, batches and
-train_one_epoch. What is timed is the training itself, from the whitening init to the last
+out: the same steps.recipes.start_training, schedule and train_epoch. What is timed is the training itself, from the whitening init to the last
 optimizer step, with no test pass in between (train tests after every epoch; this does not,
 so that the figure is the training's alone). The data set is loaded and, where train would,
 moved to the device before the clock starts. With compile, one throwaway model is trained for
@@ -45,8 +44,8 @@ from steps.artifacts import MANIFEST  # noqa: E402
 from steps.augment import POLICIES, build_policy  # noqa: E402
 from steps.data import CifarData, load_data, local_path, read_cifar, write_data  # noqa: E402
 from steps.errors import StepError  # noqa: E402
-from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, WHITEN_IMAGES, TrainConfig, epoch_size,  # noqa: E402
-                           resolve_config, validate, whiten_bias_trains)
+from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, TrainConfig, resolve_config, start_training,  # noqa: E402
+                           train_epoch, training_set, validate)
 
 WARMUP_STEPS = 5  # compile warm-up: enough steps to compile the training step's graphs
 
@@ -74,33 +73,18 @@ class Clock:
         return time.perf_counter() - self.begin
 
 
-def train_seed(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, train_x, train_y,
+def train_seed(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, train_set: tuple,
                max_steps: int | None = None) -> nn.Module:
     """train's loop for cfg (max_lr must be set), untracked; returns the result network."""
-    model = engine.build_model(cfg.model, cfg.seed, hw)
-    if cfg.whiten:
-        engine.whiten_first_conv(model, data.train_x[:WHITEN_IMAGES], data.mean, data.std)
-    optimizer = engine.build_optimizer(cfg.optimizer, model, 1.0, cfg.weight_decay)
-    ema = engine.ema_model(model, cfg.ema) if cfg.ema > 0 else None
-    steps_per_epoch = engine.num_batches(len(train_y), cfg.batch_size, drop_last=True)
+    run = start_training(cfg, data, hw)
+    steps_per_epoch = engine.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
     scheduler = engine.lambda_scheduler(
-        optimizer, SCHEDULES[cfg.schedule](cfg, cfg.max_lr, cfg.epochs * steps_per_epoch))
-    step_model = torch.compile(model) if cfg.compile else model
-    policy = build_policy(cfg.aug, data.mean)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        run.optimizer, SCHEDULES[cfg.schedule](cfg, cfg.max_lr, cfg.epochs * steps_per_epoch))
     for epoch in range(1, cfg.epochs + 1):
-        engine.train_whiten_bias(model, whiten_bias_trains(cfg, epoch))
-        batches = engine.iterate_batches(train_x, train_y, cfg.batch_size, generator=generator, drop_last=True,
-                                         augment=policy)
-        if max_steps is not None:
-            batches = (b for i, b in zip(range(max_steps), batches))
-        engine.train_one_epoch(step_model, optimizer, scheduler, batches, mean=data.mean, std=data.std,
-                               loss_fn=loss_fn, hw=hw, augment=policy, generator=generator, ema=ema,
-                               size=epoch_size(cfg, epoch))
+        train_epoch(cfg, run, scheduler, epoch, train_set, data, hw, max_steps=max_steps)
         if max_steps is not None:
             break
-    return ema.module if ema is not None else model
+    return run.result
 
 
 def read_data(uri: str) -> CifarData:
@@ -144,16 +128,13 @@ def run(args: argparse.Namespace) -> dict:
     validate(base)
     if base.max_lr <= 0:
         raise SystemExit("this benchmark needs a fixed --max-lr (the recipe's is 0: a range test)")
-    policy = build_policy(base.aug, data.mean)
-    train_x, train_y = data.train_x, data.train_y
-    if hw.device.type == "cuda" and (policy is None or policy.on_device):
-        train_x, train_y = torch.from_numpy(train_x).to(hw.device), torch.from_numpy(train_y).to(hw.device)
+    train_set = training_set(data, build_policy(base.aug, data.mean), hw)
     clock = Clock(hw.device)
 
     warmup_s = None
     if base.compile:
         clock.start()
-        train_seed(replace(base, seed=args.first_seed + 10_000), data, hw, train_x, train_y, max_steps=WARMUP_STEPS)
+        train_seed(replace(base, seed=args.first_seed + 10_000), data, hw, train_set, max_steps=WARMUP_STEPS)
         warmup_s = clock.stop()
         print(f"compile warm-up: {warmup_s:.2f} s ({WARMUP_STEPS} steps of a throwaway model)", flush=True)
 
@@ -161,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         cfg = replace(base, seed=seed)
         clock.start()
-        net = train_seed(cfg, data, hw, train_x, train_y)
+        net = train_seed(cfg, data, hw, train_set)
         seconds = clock.stop()
         row = {"seed": seed, "train_seconds": seconds}
         for tta, key in (("none", "test_accuracy"), ("flip", "test_accuracy_flip_tta"),

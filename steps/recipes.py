@@ -10,19 +10,31 @@ TrainConfig's defaults for the rest. An option left out, or given as the empty s
 "not given"; MLproject's train entry passes "" for every recipe-overridable parameter it was
 not handed, so `mlflow run . -e train -P recipe=cpu -P epochs=6` is the cpu recipe with 6
 epochs.
+
+A config becomes a training run here too: start_training builds what the run steps (model,
+whitening, optimizer, EMA, augmentation, loss) and train_epoch runs one epoch of it. train and
+benchmarks/train_speed both go through them, so the benchmark times the recipe train runs.
 """
 
+import itertools
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from cifar_models.registry import create_model, list_models
 from steps import engine
-from steps.augment import check_aug
+from steps.augment import Policy, build_policy, check_aug
+from steps.data import CifarData
 from steps.errors import StepError
+
+log = logging.getLogger(__name__)
 
 EVAL_BATCH = 1024  # images per forward in the test passes (train's per epoch, the benchmark's at the end)
 WHITEN_IMAGES = 5000  # airbench94's sample: plenty for a 12x12 covariance
@@ -176,3 +188,67 @@ def whiten_bias_trains(cfg: TrainConfig, epoch: int) -> bool:
     whiten_bias_epochs, or in all of them when that is 0 or the conv is not whitened (an
     ordinary conv, whose weights train anyway)."""
     return not cfg.whiten or not cfg.whiten_bias_epochs or epoch <= cfg.whiten_bias_epochs
+
+
+# --- a config, trained -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Training:
+    """What one training run of a config steps through its epochs (start_training builds it).
+    The objects inside change as it trains; a resume loads its checkpoint into them."""
+    model: nn.Module  # what is averaged, tested and saved
+    step_model: nn.Module  # the model, compiled when cfg.compile: what the training steps run
+    optimizer: torch.optim.Optimizer  # its LR is the scheduler's, built once max_lr is known
+    ema: AveragedModel | None
+    generator: torch.Generator  # shuffling and augmentation
+    policy: Policy
+    loss_fn: nn.Module
+
+    @property
+    def result(self) -> nn.Module:
+        """With an EMA, the averaged network is the result: it is what is tested and saved."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def start_training(cfg: TrainConfig, data: CifarData, hw: engine.Hardware) -> Training:
+    model = engine.build_model(cfg.model, cfg.seed, hw)
+    if cfg.whiten and not engine.whiten_first_conv(model, data.train_x[:WHITEN_IMAGES], data.mean, data.std):
+        log.warning("whiten: %s has no whitening conv (a `whiten` Conv2d of 2 x C*h*w filters); left as it is",
+                    cfg.model)
+    optimizer = engine.build_optimizer(cfg.optimizer, model, 1.0, cfg.weight_decay)
+    return Training(
+        model=model,
+        # Compiled for the training steps only; the plain module (same parameters) is what is
+        # averaged, evaluated and saved, so state_dict keys carry no _orig_mod prefix.
+        step_model=torch.compile(model) if cfg.compile else model,
+        optimizer=optimizer,
+        # The average starts as a copy of the initial (whitened) weights; a resume overwrites it.
+        ema=engine.ema_model(model, cfg.ema) if cfg.ema > 0 else None,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        policy=build_policy(cfg.aug, data.mean),
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
+
+
+def training_set(data: CifarData, policy: Policy,
+                 hw: engine.Hardware) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
+    """The uint8 images and labels that batches are cut from: moved once to a GPU when nothing
+    is done per image on the CPU, so each batch is cut there; else data's numpy arrays."""
+    if hw.device.type == "cuda" and (policy is None or policy.on_device):
+        return torch.from_numpy(data.train_x).to(hw.device), torch.from_numpy(data.train_y).to(hw.device)
+    return data.train_x, data.train_y
+
+
+def train_epoch(cfg: TrainConfig, run: Training, scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int,
+                train_set: tuple, data: CifarData, hw: engine.Hardware, progress=None,
+                max_steps: int | None = None) -> tuple[float, float]:
+    """Epoch `epoch` (counted from 1) of cfg's training, or its first max_steps steps: the
+    whitening bias frozen or not and the image size as the epoch wants them, a fresh shuffle.
+    Returns (mean training loss, training accuracy)."""
+    engine.train_whiten_bias(run.model, whiten_bias_trains(cfg, epoch))  # set every epoch: a resume lands anywhere
+    batches = engine.iterate_batches(*train_set, cfg.batch_size, generator=run.generator, drop_last=True,
+                                     augment=run.policy)
+    if max_steps is not None:
+        batches = itertools.islice(batches, max_steps)
+    return engine.train_one_epoch(run.step_model, run.optimizer, scheduler, batches, mean=data.mean, std=data.std,
+                                  loss_fn=run.loss_fn, hw=hw, augment=run.policy, generator=run.generator,
+                                  ema=run.ema, size=epoch_size(cfg, epoch), progress=progress)

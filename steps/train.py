@@ -44,14 +44,14 @@ from cifar_models.inference import ModelSpec, save_network
 from cifar_models.summary import summary
 from steps import engine
 from steps.artifacts import SUGGESTED_LR_METRIC, SUMMARY, WEIGHTS_DIR
-from steps.augment import POLICIES, build_policy
+from steps.augment import POLICIES
 from steps.data import CifarData, load_data
 from steps.errors import StepError
 from steps import find_lr as find_lr_step
 from steps.find_lr import log_range_test, range_test
 from steps.options import WHOLE, OrNotGiven, log_params
-from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, WHITEN_IMAGES, TrainConfig, epoch_size, resolve_config,
-                           validate, whiten_bias_trains)
+from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, TrainConfig, resolve_config, start_training, train_epoch,
+                           training_set, validate)
 from steps.runtime import retry, step_command
 
 log = logging.getLogger(__name__)
@@ -173,18 +173,11 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
 
 def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: Path, key: str,
                   run_id: str) -> dict[str, float]:
-    model = engine.build_model(cfg.model, cfg.seed, hw)
-    if cfg.whiten and not engine.whiten_first_conv(model, data.train_x[:WHITEN_IMAGES], data.mean, data.std):
-        log.warning("whiten: %s has no whitening conv (a `whiten` Conv2d of 2 x C*h*w filters); left as it is",
-                    cfg.model)
-    optimizer = engine.build_optimizer(cfg.optimizer, model, 1.0, cfg.weight_decay)
-    # The average starts as a copy of the initial (whitened) weights; a resume overwrites it.
-    ema = engine.ema_model(model, cfg.ema) if cfg.ema > 0 else None
-    generator = torch.Generator().manual_seed(cfg.seed)
+    run = start_training(cfg, data, hw)
     state = read_checkpoint(path, key) if path.is_file() else None
 
     if state is None:
-        max_lr, lr_source, lr_test = resolve_max_lr(cfg, model, optimizer, data, hw)
+        max_lr, lr_source, lr_test = resolve_max_lr(cfg, run.model, run.optimizer, data, hw)
         history: dict[str, list[float]] = {name: [] for name in EPOCH_METRICS}
         start_epoch, seconds = 0, 0.0
     else:
@@ -196,45 +189,29 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
 
     steps_per_epoch = engine.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
     lr_at = SCHEDULES[cfg.schedule](cfg, max_lr, cfg.epochs * steps_per_epoch)
-    scheduler = engine.lambda_scheduler(optimizer, lr_at)
+    scheduler = engine.lambda_scheduler(run.optimizer, lr_at)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        engine.set_rng_state(generator, state["rng"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        engine.set_rng_state(run.generator, state["rng"])
+        if run.ema is not None:
+            run.ema.load_state_dict(state["ema"])
         relog_history(run_id, history)
         mlflow.set_tags({"resumed_from_epoch": start_epoch, "resumed_from_run": state["run_id"]})
         close_dead_run(state["run_id"])
         log.info("resuming from %s: %d of %d epochs done (run %s)", path, start_epoch, cfg.epochs, state["run_id"])
 
-    policy = build_policy(cfg.aug, data.mean)
-    train_x, train_y = data.train_x, data.train_y
-    if hw.device.type == "cuda" and (policy is None or policy.on_device):
-        # Nothing to do per image on the CPU: keep the uint8 set on the GPU and cut batches there.
-        train_x, train_y = torch.from_numpy(train_x).to(hw.device), torch.from_numpy(train_y).to(hw.device)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    # Compiled for the training steps only; the plain module (same parameters) is what is
-    # averaged, evaluated and saved, so state_dict keys carry no _orig_mod prefix.
-    step_model = torch.compile(model) if cfg.compile else model
-    # With an EMA, the averaged network is the result: it is what is tested and saved.
-    result_model = ema.module if ema is not None else model
+    train_set = training_set(data, run.policy, hw)
     tty = sys.stderr.isatty()
-
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         started = time.monotonic()
-        batches = engine.iterate_batches(train_x, train_y, cfg.batch_size, generator=generator, drop_last=True,
-                                         augment=policy)
-        engine.train_whiten_bias(model, whiten_bias_trains(cfg, epoch))  # set every epoch: a resume lands anywhere
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not tty)
         try:
-            train_loss, train_acc = engine.train_one_epoch(
-                step_model, optimizer, scheduler, batches, mean=data.mean, std=data.std, loss_fn=loss_fn, hw=hw,
-                augment=policy, generator=generator, ema=ema, size=epoch_size(cfg, epoch), progress=bar)
+            train_loss, train_acc = train_epoch(cfg, run, scheduler, epoch, train_set, data, hw, progress=bar)
         finally:
             bar.close()
-        test_loss, test_acc, _ = engine.evaluate(result_model, data.test_x, data.test_y, data.mean, data.std,
+        test_loss, test_acc, _ = engine.evaluate(run.result, data.test_x, data.test_y, data.mean, data.std,
                                                  batch_size=EVAL_BATCH)
         seconds += time.monotonic() - started
         # lr: the LR of the epoch's last optimizer step.
@@ -244,16 +221,16 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
         engine.save_checkpoint(path, {
             "format": CHECKPOINT_FORMAT, "key": key, "config": asdict(cfg), "run_id": run_id, "epoch": epoch,
             "max_lr": max_lr, "lr_source": lr_source, "range_test": lr_test, "history": history,
-            "seconds": seconds, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": engine.rng_state(generator),
-            "ema": ema.state_dict() if ema is not None else None,
+            "seconds": seconds, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": engine.rng_state(run.generator),
+            "ema": run.ema.state_dict() if run.ema is not None else None,
         })
         retrying(f"epoch {epoch} metrics", partial(mlflow.log_metrics, values, step=epoch))
         log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g | %.1f s",
                  epoch, cfg.epochs, train_loss, train_acc, test_loss, test_acc, values["lr"],
                  time.monotonic() - started)
 
-    log_model(result_model, cfg.model, data)
+    log_model(run.result, cfg.model, data)
     mlflow.log_metric("train_seconds", seconds)
     return {name: series[-1] for name, series in history.items()}
 

@@ -1,5 +1,5 @@
 """benchmarks/train_speed.py: smoke runs (synthetic data; a raw archive with MLflow and albumentations
-unimportable) and its one-line error for a missing archive."""
+unimportable), the network it trains against train's, and its one-line error for a missing archive."""
 
 import json
 
@@ -44,6 +44,36 @@ def test_train_speed_runs_from_an_archive_without_mlflow_or_albumentations(tmp_p
     saved = json.loads(out.read_text())
     assert saved["data"]["train_size"] == 5 * 30 and saved["data"]["source"] == str(archive)
     assert 0 <= saved["seeds"][0]["test_accuracy"] <= 1
+
+
+def test_the_benchmark_trains_the_network_train_logs(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
+    """What the benchmark times is train's training: for one config (whitening with its bias
+    frozen after epoch 1, EMA, a low-res first epoch, Muon) on the same data, its network is
+    bit for bit the one train logs."""
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from steps import engine
+    from steps.augment import build_policy
+    from steps.data import load_data
+    from steps.recipes import TrainConfig, training_set
+    from steps.train import train
+
+    monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0.05, optimizer="muon", aug="flip_translate",
+                      schedule="warmup_linear", whiten=True, ema=0.9, low_res=24, low_res_pct=0.5,
+                      whiten_bias_epochs=1)
+    with mlflow.start_run() as run:
+        train(cfg, str(synthetic_data_dir), device="cpu")
+    logged = torch.load(MlflowClient().download_artifacts(run.info.run_id, "weights/state_dict.pt", str(tmp_path)),
+                        weights_only=True)
+
+    hw = engine.hardware("cpu")
+    data = load_data(str(synthetic_data_dir))
+    net = train_speed.train_seed(cfg, data, hw, training_set(data, build_policy(cfg.aug, data.mean), hw))
+    timed = net.state_dict()
+    assert timed.keys() == logged.keys() and all(torch.equal(timed[k], logged[k]) for k in timed)
 
 
 def test_read_data_takes_an_archive_as_a_path_or_a_file_url(tmp_path):
