@@ -76,15 +76,15 @@ class Clock:
 def train_seed(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, train_set: tuple,
                max_steps: int | None = None) -> nn.Module:
     """train's loop for cfg (max_lr must be set), untracked; returns the result network."""
-    run = start_training(cfg, data, hw)
+    training = start_training(cfg, data, hw)
     steps_per_epoch = engine.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
     scheduler = engine.lambda_scheduler(
-        run.optimizer, SCHEDULES[cfg.schedule](cfg, cfg.max_lr, cfg.epochs * steps_per_epoch))
+        training.optimizer, SCHEDULES[cfg.schedule](cfg, cfg.max_lr, cfg.epochs * steps_per_epoch))
     for epoch in range(1, cfg.epochs + 1):
-        train_epoch(cfg, run, scheduler, epoch, train_set, data, hw, max_steps=max_steps)
+        train_epoch(cfg, training, scheduler, epoch, train_set, data, hw, max_steps=max_steps)
         if max_steps is not None:
             break
-    return run.result
+    return training.result
 
 
 def read_data(uri: str) -> CifarData:

@@ -238,17 +238,18 @@ def training_set(data: CifarData, policy: Policy,
     return data.train_x, data.train_y
 
 
-def train_epoch(cfg: TrainConfig, run: Training, scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int,
+def train_epoch(cfg: TrainConfig, training: Training, scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int,
                 train_set: tuple, data: CifarData, hw: engine.Hardware, progress=None,
                 max_steps: int | None = None) -> tuple[float, float]:
     """Epoch `epoch` (counted from 1) of cfg's training, or its first max_steps steps: the
     whitening bias frozen or not and the image size as the epoch wants them, a fresh shuffle.
     Returns (mean training loss, training accuracy)."""
-    engine.train_whiten_bias(run.model, whiten_bias_trains(cfg, epoch))  # set every epoch: a resume lands anywhere
-    batches = engine.iterate_batches(*train_set, cfg.batch_size, generator=run.generator, drop_last=True,
-                                     augment=run.policy)
+    engine.train_whiten_bias(training.model, whiten_bias_trains(cfg, epoch))  # set every epoch: a resume lands anywhere
+    batches = engine.iterate_batches(*train_set, cfg.batch_size, generator=training.generator, drop_last=True,
+                                     augment=training.policy)
     if max_steps is not None:
         batches = itertools.islice(batches, max_steps)
-    return engine.train_one_epoch(run.step_model, run.optimizer, scheduler, batches, mean=data.mean, std=data.std,
-                                  loss_fn=run.loss_fn, hw=hw, augment=run.policy, generator=run.generator,
-                                  ema=run.ema, size=epoch_size(cfg, epoch), progress=progress)
+    return engine.train_one_epoch(training.step_model, training.optimizer, scheduler, batches, mean=data.mean,
+                                  std=data.std, loss_fn=training.loss_fn, hw=hw, augment=training.policy,
+                                  generator=training.generator, ema=training.ema, size=epoch_size(cfg, epoch),
+                                  progress=progress)

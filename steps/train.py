@@ -173,11 +173,11 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
 
 def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: Path, key: str,
                   run_id: str) -> dict[str, float]:
-    run = start_training(cfg, data, hw)
+    training = start_training(cfg, data, hw)
     state = read_checkpoint(path, key) if path.is_file() else None
 
     if state is None:
-        max_lr, lr_source, lr_test = resolve_max_lr(cfg, run.model, run.optimizer, data, hw)
+        max_lr, lr_source, lr_test = resolve_max_lr(cfg, training.model, training.optimizer, data, hw)
         history: dict[str, list[float]] = {name: [] for name in EPOCH_METRICS}
         start_epoch, seconds = 0, 0.0
     else:
@@ -189,29 +189,29 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
 
     steps_per_epoch = engine.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
     lr_at = SCHEDULES[cfg.schedule](cfg, max_lr, cfg.epochs * steps_per_epoch)
-    scheduler = engine.lambda_scheduler(run.optimizer, lr_at)
+    scheduler = engine.lambda_scheduler(training.optimizer, lr_at)
     if state is not None:
-        run.model.load_state_dict(state["model"])
-        run.optimizer.load_state_dict(state["optimizer"])
+        training.model.load_state_dict(state["model"])
+        training.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        engine.set_rng_state(run.generator, state["rng"])
-        if run.ema is not None:
-            run.ema.load_state_dict(state["ema"])
+        engine.set_rng_state(training.generator, state["rng"])
+        if training.ema is not None:
+            training.ema.load_state_dict(state["ema"])
         relog_history(run_id, history)
         mlflow.set_tags({"resumed_from_epoch": start_epoch, "resumed_from_run": state["run_id"]})
         close_dead_run(state["run_id"])
         log.info("resuming from %s: %d of %d epochs done (run %s)", path, start_epoch, cfg.epochs, state["run_id"])
 
-    train_set = training_set(data, run.policy, hw)
+    train_set = training_set(data, training.policy, hw)
     tty = sys.stderr.isatty()
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         started = time.monotonic()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not tty)
         try:
-            train_loss, train_acc = train_epoch(cfg, run, scheduler, epoch, train_set, data, hw, progress=bar)
+            train_loss, train_acc = train_epoch(cfg, training, scheduler, epoch, train_set, data, hw, progress=bar)
         finally:
             bar.close()
-        test_loss, test_acc, _ = engine.evaluate(run.result, data.test_x, data.test_y, data.mean, data.std,
+        test_loss, test_acc, _ = engine.evaluate(training.result, data.test_x, data.test_y, data.mean, data.std,
                                                  batch_size=EVAL_BATCH)
         seconds += time.monotonic() - started
         # lr: the LR of the epoch's last optimizer step.
@@ -221,16 +221,16 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
         engine.save_checkpoint(path, {
             "format": CHECKPOINT_FORMAT, "key": key, "config": asdict(cfg), "run_id": run_id, "epoch": epoch,
             "max_lr": max_lr, "lr_source": lr_source, "range_test": lr_test, "history": history,
-            "seconds": seconds, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": engine.rng_state(run.generator),
-            "ema": run.ema.state_dict() if run.ema is not None else None,
+            "seconds": seconds, "model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": engine.rng_state(training.generator),
+            "ema": training.ema.state_dict() if training.ema is not None else None,
         })
         retrying(f"epoch {epoch} metrics", partial(mlflow.log_metrics, values, step=epoch))
         log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g | %.1f s",
                  epoch, cfg.epochs, train_loss, train_acc, test_loss, test_acc, values["lr"],
                  time.monotonic() - started)
 
-    log_model(run.result, cfg.model, data)
+    log_model(training.result, cfg.model, data)
     mlflow.log_metric("train_seconds", seconds)
     return {name: series[-1] for name, series in history.items()}
 
