@@ -1,11 +1,14 @@
 """Time of one training step (forward, backward, SGD step) of a model, by dtype, memory layout
 and batch size, on random data: what `engine.hardware` and the CPU recipe are sized from. With
 --forward, the time of one inference forward (eval mode, torch.inference_mode) instead: why
-`cifar_models.preprocess.to_nchw` hands the networks NHWC-strided batches.
+`cifar_models.preprocess.to_nchw` hands the networks NHWC-strided batches. With --muon, the
+cpu recipe's step (whitening conv frozen, its bias trainable) with SGD and then with Muon on the
+filters: what the orthogonalisation costs a step.
 
     .venv/bin/python benchmarks/step_time.py --models fast_net,fast_net_small --batch-sizes 256,512 --repeats 7
     .venv/bin/python benchmarks/step_time.py --whiten-bias --models fast_net_small --batch-sizes 128 --repeats 15
     .venv/bin/python benchmarks/step_time.py --forward --threads 1 --models fast_net,fast_net_small --batch-sizes 1,64,512 --repeats 9
+    .venv/bin/python benchmarks/step_time.py --muon --models fast_net_small --batch-sizes 128 --repeats 15
 
 Each configuration runs WARMUP untimed steps, then --repeats timed steps (time.perf_counter;
 CUDA synchronised around each step); the median is reported, and the ratio to fp32 NCHW at the
@@ -37,14 +40,15 @@ WARMUP = 2  # steps before timing: oneDNN/cuDNN pick and cache their kernels on 
 
 
 def step_seconds(model_name: str, hw: engine.Hardware, batch_size: int, repeats: int,
-                 forward_only: bool = False, whiten_bias: bool | None = None) -> list[float]:
+                 forward_only: bool = False, whiten_bias: bool | None = None, optimizer: str = "sgd") -> list[float]:
     """whiten_bias None: the model as created; True or False: its first conv frozen as train's
-    whitening leaves it, with the bias trainable (True) or frozen too (False)."""
+    whitening leaves it, with the bias trainable (True) or frozen too (False). optimizer: a name
+    in engine.OPTIMIZERS."""
     model = engine.prepare_model(create_model(model_name), hw)
     if whiten_bias is not None:
         model.whiten.weight.requires_grad_(False)
         engine.train_whiten_bias(model, whiten_bias)
-    optimizer = engine.build_optimizer("sgd", model, 0.01, 5e-4)
+    optimizer = engine.build_optimizer(optimizer, model, 0.01, 5e-4)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2)
     x = torch.randn(batch_size, 3, 32, 32, device=hw.device)
     x = x.contiguous(memory_format=torch.channels_last) if hw.channels_last else x
@@ -80,6 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     mode.add_argument("--whiten-bias", action="store_true",
                    help="only fp32 channels_last rows, with the first conv frozen as whitening leaves it: bias "
                         "trainable, then frozen too (engine.train_whiten_bias); the ratio is to the first")
+    mode.add_argument("--muon", action="store_true",
+                      help="only fp32 channels_last rows, the first conv frozen as whitening leaves it (bias "
+                           "trainable): SGD, then Muon on the filters; the ratio is to the first")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--out", type=Path, default=Path("step_time.json"))
     args = p.parse_args(argv)
@@ -93,17 +100,23 @@ def main(argv: list[str] | None = None) -> dict:
     # What is compared, per model and batch size: the first row is the base of the ratios.
     if args.whiten_bias:
         hw = engine.Hardware(device, None, True)
-        variants = [(hw, True, {"whiten_bias": "trains"}), (hw, False, {"whiten_bias": "frozen"})]
+        variants = [(hw, True, "sgd", {"whiten_bias": "trains"}), (hw, False, "sgd", {"whiten_bias": "frozen"})]
         ratio, base_name = "vs_bias_trains", "a trainable whitening bias"
+    elif args.muon:
+        hw = engine.Hardware(device, None, True)
+        variants = [(hw, True, "sgd", {"optimizer": "sgd"}), (hw, True, "muon", {"optimizer": "muon"})]
+        ratio, base_name = "vs_sgd", "SGD"
     else:
-        variants = [(engine.Hardware(device, dtype, channels_last), None, {}) for dtype, channels_last in layouts]
+        variants = [(engine.Hardware(device, dtype, channels_last), None, "sgd", {})
+                    for dtype, channels_last in layouts]
         ratio, base_name = "vs_fp32_nchw", "fp32 NCHW"
     rows = []
     for model in args.models.split(","):
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
             base = None
-            for hw, whiten_bias, label in variants:
-                median = statistics.median(step_seconds(model, hw, batch_size, args.repeats, args.forward, whiten_bias))
+            for hw, whiten_bias, optimizer, label in variants:
+                median = statistics.median(step_seconds(model, hw, batch_size, args.repeats, args.forward, whiten_bias,
+                                                        optimizer))
                 base = base or median
                 row = {"model": model, "batch_size": batch_size, "autocast": str(hw.autocast).removeprefix("torch."),
                        "channels_last": hw.channels_last, **label, "median_ms": 1000 * median, ratio: median / base,

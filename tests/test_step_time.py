@@ -1,4 +1,4 @@
-"""A smoke run of benchmarks/step_time.py: two models, one small batch, one timed step each."""
+"""Smoke runs of benchmarks/step_time.py: its modes, on one small batch, one timed step each."""
 
 import json
 
@@ -46,3 +46,24 @@ def test_step_time_whiten_bias_rows_compare_a_trainable_and_a_frozen_bias(tmp_pa
     assert (trains["whiten_bias"], frozen["whiten_bias"]) == ("trains", "frozen")
     assert trains["vs_bias_trains"] == 1.0
     assert frozen["vs_bias_trains"] == pytest.approx(frozen["median_ms"] / trains["median_ms"])
+
+
+def test_step_time_muon_rows_time_the_recipe_step_with_sgd_then_muon(tmp_path, monkeypatch):
+    from steps import engine
+
+    built = []
+    real_build = engine.build_optimizer
+
+    def spy(name, model, lr, weight_decay):
+        optimizer = real_build(name, model, lr, weight_decay)
+        built.append((type(optimizer).__name__, model.whiten.weight.requires_grad, model.whiten.bias.requires_grad))
+        return optimizer
+
+    monkeypatch.setattr(engine, "build_optimizer", spy)
+    saved = step_time.main(["--muon", "--models", "fast_net_small", "--batch-sizes", "2", "--repeats", "1",
+                            "--device", "cpu", "--out", str(tmp_path / "muon.json")])
+    sgd, muon = saved["rows"]
+    assert (sgd["optimizer"], muon["optimizer"], sgd["vs_sgd"]) == ("sgd", "muon", 1.0)
+    assert muon["vs_sgd"] == pytest.approx(muon["median_ms"] / sgd["median_ms"])
+    # as in the cpu recipe: the whitening filters frozen, their bias training
+    assert built == [("SGD", False, True), ("MuonSGD", False, True)]
