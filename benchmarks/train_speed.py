@@ -1,11 +1,12 @@
 """Training time-to-accuracy of a train recipe, without MLflow: N seeds, medians and means.
 
 The loop is train's (steps.train._train_locked) with the tracking and the checkpoints taken
-out: the same steps.recipes.start_training, schedule and train_epoch. What is timed is the training itself, from the whitening init to the last
-optimizer step, with no test pass in between (train tests after every epoch; this does not,
-so that the figure is the training's alone). The data set is loaded and, where train would,
-moved to the device before the clock starts. With compile, one throwaway model is trained for
-a few steps first and that compile warm-up is reported on its own line.
+out: the same steps.recipes.start_training, schedule and train_epoch. What is timed is the
+training itself, from the whitening init to the last optimizer step, with no test pass in
+between (train tests after every epoch; this does not, so that the figure is the training's
+alone). The data set is loaded and, where train would, moved to the device before the clock
+starts. With compile, one throwaway model is trained for a few steps first and that compile
+warm-up is reported on its own line.
 
 Timing: time.perf_counter on a CPU; on CUDA, CUDA events around the loop after a synchronize.
 Accuracy: the result network (the EMA's when on) on the test set, plain and with flip and

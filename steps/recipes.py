@@ -212,6 +212,8 @@ class Training:
 
 
 def start_training(cfg: TrainConfig, data: CifarData, hw: engine.Hardware) -> Training:
+    """cfg's run before its first step: the model built (and whitened) on hw. Its scheduler is
+    the caller's, since the peak LR may come from a range test on this model."""
     model = engine.build_model(cfg.model, cfg.seed, hw)
     if cfg.whiten and not engine.whiten_first_conv(model, data.train_x[:WHITEN_IMAGES], data.mean, data.std):
         log.warning("whiten: %s has no whitening conv (a `whiten` Conv2d of 2 x C*h*w filters); left as it is",
