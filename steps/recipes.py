@@ -113,9 +113,9 @@ RECIPES: dict[str, dict[str, object]] = {
     # seeds 0 and 1 tested 0.16 and 0.19 points lower (README); this budget has no use for the time.
     # No compile: its warm-up on a CPU takes minutes and gains little there. Muon on the conv
     # filters (optimizer muon, engine.MuonSGD), SGD for the rest: seed 0 end to end tested 86.87%
-    # against SGD's 86.38% (88.09% against 87.68% with TTA; README), seed 1 in the benchmark 87.06%
-    # against 86.52% (88.32% against 87.40%), for ~10% more time per full-size step (README), which
-    # the 15 minutes still hold. On a CPU with native bf16 a step is ~2.5x faster: give more
+    # against SGD's 86.38% (88.09% against 87.68% with TTA; README), seeds 1 to 3 in the benchmark
+    # 87.01% against 86.50% on average (88.14% against 87.39%), for ~10% more time per full-size
+    # step (README), which the 15 minutes still hold. On a CPU with native bf16 a step is ~2.5x faster: give more
     # epochs, or fast_net, there.
     "cpu": {"model": "fast_net_small", "epochs": 9, "batch_size": 128, "max_lr": 0.3, "optimizer": "muon",
             "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "flip_translate", "schedule": "warmup_linear",
