@@ -1,4 +1,4 @@
-"""Time of one training step (forward, backward, SGD step) of a model, by dtype, memory layout
+"""Time of one training step (forward, backward, optimizer step) of a model, by dtype, memory layout
 and batch size, on random data: what `engine.hardware` and the CPU recipe are sized from. With
 --forward, the time of one inference forward (eval mode, torch.inference_mode) instead: why
 `cifar_models.preprocess.to_nchw` hands the networks NHWC-strided batches. With --muon, the
