@@ -211,7 +211,8 @@ class MuonSGD(torch.optim.Optimizer):
 # MuonSGD with airbench94_muon's filter momentum 0.6 and the filters' LR at 1/6 of the rest's:
 # on the cpu recipe's full run 1/3 tested below SGD (README), although it had done best of 1/6,
 # 1/3 and 2/3 on a short run on 20,000 images (a scratch script, so no figures here); the
-# longer run wants the smaller filter steps.
+# longer run wants the smaller filter steps, though not smaller still: 1/12 did worse than 1/6
+# on the full run (scratch again, README).
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
                                                             weight_decay=weight_decay),

@@ -115,8 +115,8 @@ RECIPES: dict[str, dict[str, object]] = {
     # filters (optimizer muon, engine.MuonSGD), SGD for the rest: seed 0 end to end tested 86.87%
     # against SGD's 86.38% (88.09% against 87.68% with TTA; README), seeds 1 to 3 in the benchmark
     # 87.01% against 86.50% on average (88.14% against 87.39%), for ~10% more time per full-size
-    # step (README), which the 15 minutes still hold. On a CPU with native bf16 a step is ~2.5x faster: give more
-    # epochs, or fast_net, there.
+    # step (README), which the 15 minutes still hold. On a CPU with native bf16 a step is ~2.5x
+    # faster: give more epochs, or fast_net, there.
     "cpu": {"model": "fast_net_small", "epochs": 9, "batch_size": 128, "max_lr": 0.3, "optimizer": "muon",
             "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "flip_translate", "schedule": "warmup_linear",
             "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False, "low_res": 24, "low_res_pct": 5 / 9},
