@@ -8,6 +8,7 @@ where no measurement is at hand.
 """
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -46,6 +47,16 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     """
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected uint8 images of shape (N, 3, H, W), got {tuple(images.shape)} {images.dtype}")
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return images.float() * (1.0 / (255.0 * std_t)) - mean_t / std_t
+    scale, shift = _affine(tuple(map(float, mean)), tuple(map(float, std)), images.device)
+    return images.float() * scale - shift
+
+
+@lru_cache(maxsize=16)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """normalize's per-channel scale 1 / (255 std) and shift mean / std, as (1, 3, 1, 1) float32
+    tensors on device. Made once per statistics and device: making them on a GPU is a copy
+    from host memory, which waits for all the work queued there, and a training step that
+    waited so would leave the GPU idle while the host prepared the next one."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (1.0 / (255.0 * std_t)).to(device), (mean_t / std_t).to(device)

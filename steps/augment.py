@@ -80,7 +80,8 @@ class TensorPolicy:
         dy, dx = torch.randint(-self.max_shift, self.max_shift + 1, (2, n), generator=generator)
         cy = torch.randint(0, h, (n,), generator=generator)
         cx = torch.randint(0, w, (n,), generator=generator)
-        flip, dy, dx, cy, cx = (t.to(device) for t in (flip, dy, dx, cy, cx))
+        flip, dy, dx, cy, cx = host_to_device(torch.stack([flip.long(), dy, dx, cy, cx]), device)  # one copy
+        flip = flip.bool()
 
         rows = _reflect(torch.arange(h, device=device)[None, :] + dy[:, None], h)  # (n, h)
         cols = torch.arange(w, device=device)[None, :] + dx[:, None]
@@ -98,6 +99,16 @@ class TensorPolicy:
         hole = ((y >= (cy - half)[:, None, None]) & (y < (cy - half + self.cutout)[:, None, None])
                 & (x >= (cx - half)[:, None, None]) & (x < (cx - half + self.cutout)[:, None, None]))
         return torch.where(hole[:, None], self.fill.to(device), out)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on device, without making the host wait for the GPU: a copy from ordinary (pageable)
+    memory to a GPU waits until every kernel already queued there has run, which in a training
+    loop stalls the host once per copy, every step. From pinned memory, with non_blocking, the
+    copy is queued like a kernel (torch keeps the pinned block alive until it has run)."""
+    if t.device == device or device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:

@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from cifar_models.inference import predict_logits
 from cifar_models.preprocess import normalize, to_nchw
 from cifar_models.registry import create_model
-from steps.augment import Policy
+from steps.augment import Policy, host_to_device
 from steps.errors import StepError
 
 
@@ -120,6 +119,10 @@ def hardware(device: str = "auto", precision: str = "auto") -> Hardware:
         bf16 = dev.type == "cuda" or (dev.type == "cpu" and cpu_has_native_bf16())
     else:
         bf16 = precision == "bf16"
+    if dev.type == "cuda":
+        # Every training step has the same shapes, so cuDNN's per-shape search for the fastest
+        # convolution algorithm is paid once and then reused.
+        torch.backends.cudnn.benchmark = True
     return Hardware(dev, torch.bfloat16 if bf16 else None, channels_last=True)
 
 
@@ -311,25 +314,50 @@ def ema_decay_at(decay: float, updates: torch.Tensor | int) -> torch.Tensor:
     return ((1 + n) / (10 + n)).clamp(max=decay)
 
 
-def ema_model(model: nn.Module, decay: float) -> AveragedModel:
-    """An exponential moving average of model's weights, updated by update_parameters(model)
+class WeightAverage(nn.Module):
+    """An exponential moving average of a model's weights, updated by update_parameters(model)
     after each optimizer step: w_ema <- d * w_ema + (1 - d) * w, with d = ema_decay_at(decay,
-    n) rising to `decay` over the first updates. BatchNorm's running statistics are averaged
-    too (use_buffers), so the average is a network that can be evaluated as it is, without a
-    pass to recompute them. Its state_dict (the module's under `module.`, plus the count
-    n_averaged that the warm-up reads) goes into checkpoints; `.module` is the network.
-    """
-    @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        if torch.is_floating_point(averaged[0]):
-            d = ema_decay_at(decay, n_averaged)
-            torch._foreach_mul_(averaged, d)
-            torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - d))
-        else:  # BatchNorm's num_batches_tracked: integer, nothing to average
-            for a, c in zip(averaged, current):
-                a.copy_(c)
+    n) rising to `decay` over the first updates; the first update (n = 0) copies. BatchNorm's
+    running statistics are averaged too, so the average is a network that can be evaluated as
+    it is, without a pass to recompute them. Its state_dict (the module's under `module.`, plus
+    the count n_averaged that the warm-up reads) goes into checkpoints; `.module` is the network.
 
-    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+    torch's AveragedModel computes the same (this replaces it, with the same state_dict keys),
+    but keeps its count on the CPU and copies it to the GPU, and tests it, at every update:
+    each of those makes the host wait until the GPU has finished the step. Here the count lives
+    on the model's device and the copy-or-average choice is made there, so an update only
+    queues work.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(model)
+        self.decay = decay
+        device = next(model.parameters()).device
+        self.register_buffer("n_averaged", torch.zeros((), dtype=torch.long, device=device))
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [*self.module.parameters(), *self.module.buffers()]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        floats = [(a, c) for a, c in zip(averaged, current, strict=True) if a.is_floating_point()]
+        d = torch.where(self.n_averaged == 0, 0.0, ema_decay_at(self.decay, self.n_averaged))
+        if floats:
+            a, c = map(list, zip(*floats))
+            torch._foreach_mul_(a, d)
+            torch._foreach_add_(a, torch._foreach_mul(c, 1 - d))
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():  # BatchNorm's num_batches_tracked: a count, copied
+                a.copy_(c)
+        self.n_averaged += 1
+
+
+def ema_model(model: nn.Module, decay: float) -> WeightAverage:
+    """The EMA of model's weights with this per-step decay (its cap), starting as a copy."""
+    return WeightAverage(model, decay)
 
 
 # --- batches -----------------------------------------------------------------------------------------
@@ -358,13 +386,14 @@ def iterate_batches(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, 
         raise ValueError(f"augmentation {augment.name!r} works on numpy images on the CPU; pass x as numpy")
     n = len(y)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    if isinstance(x, torch.Tensor):
+        order = host_to_device(order, x.device)  # once per epoch, not once per batch
     if cpu_augment:
         # One seed per epoch from the training generator: the augmentations replay on resume.
         augment.reseed(int(torch.randint(0, 2**31 - 1, (), generator=generator)) if generator is not None else 0)
     for b in range(num_batches(n, batch_size, drop_last)):
         idx = order[b * batch_size:(b + 1) * batch_size]
         if isinstance(x, torch.Tensor):
-            idx = idx.to(x.device)
             images, labels = x[idx], torch.as_tensor(y)[idx]
         else:
             idx = idx.numpy()
@@ -378,7 +407,7 @@ def iterate_batches(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, 
 
 def _model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], hw: Hardware,
                  augment: Policy, generator: torch.Generator | None, size: int | None = None) -> torch.Tensor:
-    images = images.to(hw.device, non_blocking=True)
+    images = host_to_device(images, hw.device)
     if augment is not None and augment.on_device:
         images = augment(images, generator)
     x = normalize(images, mean, std)
@@ -410,7 +439,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler,
                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, mean: Sequence[float],
                     std: Sequence[float], loss_fn: nn.Module, hw: Hardware, augment: Policy = None,
-                    generator: torch.Generator | None = None, ema: AveragedModel | None = None,
+                    generator: torch.Generator | None = None, ema: WeightAverage | None = None,
                     size: int | None = None, check_every: int = 20, progress=None) -> tuple[float, float]:
     """Train on every batch once, stepping the scheduler per batch. Returns (mean loss, accuracy).
     With `size`, the images are downscaled to size x size after augmentation (engine.downscale).
@@ -426,7 +455,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     correct = torch.zeros((), device=hw.device, dtype=torch.int64)
     seen = i = 0
     for i, (images, labels) in enumerate(batches, start=1):
-        labels = labels.to(hw.device, non_blocking=True)
+        labels = host_to_device(labels, hw.device)
         x = _model_input(images, mean, std, hw, augment, generator, size)
         loss, right = train_step(model, optimizer, loss_fn, x, labels, hw)
         scheduler.step()

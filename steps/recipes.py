@@ -26,7 +26,6 @@ from functools import partial
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from cifar_models.registry import create_model, list_models
 from steps import engine
@@ -200,7 +199,7 @@ class Training:
     model: nn.Module  # what is averaged, tested and saved
     step_model: nn.Module  # the model, compiled when cfg.compile: what the training steps run
     optimizer: torch.optim.Optimizer  # its LR is the scheduler's, built once max_lr is known
-    ema: AveragedModel | None
+    ema: engine.WeightAverage | None
     generator: torch.Generator  # shuffling and augmentation
     policy: Policy
     loss_fn: nn.Module

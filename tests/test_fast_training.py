@@ -154,6 +154,64 @@ def test_ema_decay_warms_up_to_its_cap():
     assert float(ema_decay_at(0.99, 10_000)) == 0.99 and float(ema_decay_at(0.5, 20)) == 0.5
 
 
+def test_ema_state_dict_round_trips_into_a_fresh_average():
+    from steps import engine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    ema = engine.ema_model(model, decay=0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        ema.update_parameters(model)
+    state = ema.state_dict()
+    assert set(state) == {"n_averaged", *(f"module.{k}" for k in model.state_dict())}
+    fresh = engine.ema_model(model, decay=0.9)
+    fresh.load_state_dict(state)
+    assert int(fresh.n_averaged) == 3 and torch.equal(fresh.module[0].weight, ema.module[0].weight)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_training_epoch_on_a_gpu_does_not_wait_for_it_step_by_step():
+    """The host only queues work on the GPU during an epoch: the number of points where it
+    waits for the GPU (torch's sync debug mode warns at each) is the same for 2 steps as for
+    8, i.e. the batches, the device-side augmentation, the optimizer and the EMA add none.
+    Loss checks are put out of reach (check_every) so only the epoch's end reads back."""
+    import warnings
+
+    from steps import engine
+    from steps.augment import build_policy
+
+    hw = engine.hardware("cuda")
+    device = hw.device
+    x = torch.randint(0, 256, (512, 32, 32, 3), dtype=torch.uint8, device=device)
+    y = torch.randint(0, 10, (512,), device=device)
+    model = engine.build_model("fast_net_small", 0, hw)
+    optimizer = engine.build_optimizer("sgd", model, 1.0, 5e-4)
+    scheduler = engine.lambda_scheduler(optimizer, lambda step: 0.01)
+    ema = engine.ema_model(model, 0.99)
+    policy = build_policy("flip_translate", (0.5, 0.5, 0.5))
+    generator = torch.Generator().manual_seed(0)
+
+    def waits(steps: int) -> int:
+        batches = engine.iterate_batches(x[:64 * steps], y[:64 * steps], 64, generator=generator, drop_last=True,
+                                         augment=policy)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                engine.train_one_epoch(model, optimizer, scheduler, batches, mean=(0.5,) * 3, std=(0.25,) * 3,
+                                       loss_fn=nn.CrossEntropyLoss(), hw=hw, augment=policy, generator=generator,
+                                       ema=ema, check_every=10**6)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    waits(2)  # first calls: cuDNN's algorithm search, the allocators' first blocks
+    assert waits(8) == waits(2)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "muon"])
 def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch, optimizer):
     """As test_resume's crash test, with the EMA and the frozen whitening conv in the state,
