@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> dict:
         data = replace(data, test_x=data.test_x[:args.test_limit], test_y=data.test_y[:args.test_limit])
     given = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "max_lr": args.max_lr,
              "optimizer": args.optimizer, "aug": args.aug, "low_res": args.low_res, "low_res_pct": args.low_res_pct,
-             "whiten_bias_epochs": args.whiten_bias_epochs,
+             "whiten_bias_epochs": args.whiten_bias_epochs, "bn_bias_lr": args.bn_bias_lr,
+             "freeze_bn_scale": {None: None, "true": True, "false": False}[args.freeze_bn_scale],
              "compile": {None: None, "true": True, "false": False}[args.compile]}
     base = resolve_config(args.recipe, given)
     validate(base)
@@ -186,6 +187,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--low-res", type=int, help="override the recipe's (0 = full size throughout)")
     p.add_argument("--low-res-pct", type=float, help="override the recipe's")
     p.add_argument("--whiten-bias-epochs", type=int, help="override the recipe's (0 = the bias trains throughout)")
+    p.add_argument("--freeze-bn-scale", choices=["true", "false"], help="override the recipe's")
+    p.add_argument("--bn-bias-lr", type=float, help="override the recipe's (the BatchNorm biases' LR multiple, sgd)")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images only (smoke runs)")
     p.add_argument("--test-limit", type=int, default=0, help="first N test images only (smoke runs)")
     p.add_argument("--device", default="auto")

@@ -71,13 +71,15 @@ def warmup_linear_lr(step: int, total_steps: int, max_lr: float, warmup_steps: i
 
 
 def lambda_scheduler(optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float]) -> torch.optim.lr_scheduler.LambdaLR:
-    """A scheduler that sets the LR to lr_at(step) exactly. LambdaLR multiplies each group's
+    """A scheduler that sets the LR to lr_at(step) exactly, or to lr_scale times it in a group
+    that has an `lr_scale` (build_optimizer's BatchNorm biases). LambdaLR multiplies each group's
     base LR by the lambda, so the base LR is set to 1. Its state is the step count, which a
-    checkpoint stores as a plain int (the lambda itself is not saved, and need not be)."""
+    checkpoint stores as a plain int (the lambdas themselves are not saved, and need not be)."""
     for group in optimizer.param_groups:
         group["lr"] = 1.0
         group.pop("initial_lr", None)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda step, scale=group.get("lr_scale", 1.0): scale * lr_at(step) for group in optimizer.param_groups])
 
 
 # --- device and precision --------------------------------------------------------------------------
@@ -225,12 +227,39 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
+                    bn_bias_lr: float = 1.0) -> torch.optim.Optimizer:
+    """The named optimizer over model's parameters. bn_bias_lr != 1 (sgd only) puts the
+    BatchNorm biases in a second group whose LR is that multiple of the rest's (lambda_scheduler
+    reads the group's `lr_scale`) and whose L2 coefficient is divided by it, so that their decay
+    per step, LR x coefficient, stays the other weights'."""
     try:
         builder = OPTIMIZERS[name]
     except KeyError:
         raise StepError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}") from None
-    return builder(model.parameters(), lr, weight_decay)
+    if bn_bias_lr == 1.0:
+        return builder(model.parameters(), lr, weight_decay)
+    if name != "sgd":
+        raise StepError(f"bn_bias_lr other than 1 needs optimizer sgd, not {name!r}")
+    biases = bn_biases(model)
+    ids = {id(p) for p in biases}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return builder([dict(params=rest), dict(params=biases, lr_scale=bn_bias_lr, weight_decay=weight_decay / bn_bias_lr)],
+                   lr, weight_decay)
+
+
+def bn_biases(model: nn.Module) -> list[nn.Parameter]:
+    return [m.bias for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None]
+
+
+def freeze_bn_scales(model: nn.Module) -> None:
+    """Fix every BatchNorm's scale (weight) at its value, 1 when fresh, as airbench94 does. The
+    convolution before each BatchNorm can set its output's scale itself, so the BatchNorm's
+    own scale adds a direction that weight decay pulls on but nothing needs; the biases, which
+    set where each GELU bends, keep training (bn_bias_lr speeds them up)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+            m.weight.requires_grad_(False)
 
 
 # --- the whitening init and the weight average -----------------------------------------------------

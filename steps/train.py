@@ -272,6 +272,8 @@ def _default(name: str) -> str:
 @click.option("--low-res", type=OrNotGiven(WHOLE), help=f"Side in pixels of the first epochs' images, 0 = full size; {_default('low_res')}.")
 @click.option("--low-res-pct", type=OrNotGiven(click.FLOAT), help=f"Fraction of the epochs at low-res; {_default('low_res_pct')}.")
 @click.option("--whiten-bias-epochs", type=OrNotGiven(WHOLE), help=f"Epochs the whitening bias trains, 0 = all; {_default('whiten_bias_epochs')}.")
+@click.option("--freeze-bn-scale", type=OrNotGiven(click.BOOL), help=f"true/false: BatchNorm scales fixed at 1; {_default('freeze_bn_scale')}.")
+@click.option("--bn-bias-lr", type=OrNotGiven(click.FLOAT), help=f"BatchNorm biases' LR as a multiple of the rest's (sgd); {_default('bn_bias_lr')}.")
 @click.option("--seed", default=TrainConfig.seed, type=WHOLE, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu or cuda.")
 @click.option("--precision", default="auto", show_default=True, help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32; channels_last always.")

@@ -10,6 +10,7 @@ from torch import nn
 from cifar_models.inference import predict_logits
 from cifar_models.registry import create_model
 from steps.data import channel_stats, synthetic
+from steps.errors import StepError
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -169,6 +170,43 @@ def test_ema_state_dict_round_trips_into_a_fresh_average():
     fresh = engine.ema_model(model, decay=0.9)
     fresh.load_state_dict(state)
     assert int(fresh.n_averaged) == 3 and torch.equal(fresh.module[0].weight, ema.module[0].weight)
+
+
+def test_bn_biases_get_their_lr_multiple_and_the_same_decay_per_step():
+    from steps import engine
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 9, 2))
+    optimizer = engine.build_optimizer("sgd", model, 1.0, 5e-4, bn_bias_lr=64.0)
+    scheduler = engine.lambda_scheduler(optimizer, lambda step: 0.1 * (step + 1))
+    rest, biases = optimizer.param_groups
+    assert biases["params"] == [model[1].bias] and len(rest["params"]) == len(list(model.parameters())) - 1
+    assert scheduler.get_last_lr() == pytest.approx([0.1, 6.4])
+    scheduler.step()
+    assert scheduler.get_last_lr() == pytest.approx([0.2, 12.8])  # the multiple holds all along the schedule
+    assert rest["lr"] * rest["weight_decay"] == pytest.approx(biases["lr"] * biases["weight_decay"])
+    plain = engine.build_optimizer("sgd", model, 1.0, 5e-4)
+    assert len(plain.param_groups) == 1
+    with pytest.raises(StepError, match="needs optimizer sgd"):
+        engine.build_optimizer("muon", model, 1.0, 5e-4, bn_bias_lr=64.0)
+
+
+def test_frozen_bn_scales_stay_at_one_while_their_biases_train():
+    from steps import engine
+    from steps.recipes import TrainConfig, validate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 2))
+    engine.freeze_bn_scales(model)
+    optimizer = engine.build_optimizer("sgd", model, 0.1, 5e-4, bn_bias_lr=8.0)
+    bias = model[1].bias.detach().clone()
+    loss = nn.functional.cross_entropy(model(torch.randn(8, 3, 8, 8)), torch.randint(0, 2, (8,)))
+    loss.backward()
+    optimizer.step()
+    assert torch.equal(model[1].weight, torch.ones(4)) and not torch.equal(model[1].bias, bias)
+    with pytest.raises(StepError, match="needs optimizer sgd"):
+        validate(TrainConfig(optimizer="muon", bn_bias_lr=64.0))
+    with pytest.raises(StepError, match="positive"):
+        validate(TrainConfig(bn_bias_lr=0.0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
