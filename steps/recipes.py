@@ -238,13 +238,21 @@ def start_training(cfg: TrainConfig, data: CifarData, hw: engine.Hardware) -> Tr
         model=model,
         # Compiled for the training steps only; the plain module (same parameters) is what is
         # averaged, evaluated and saved, so state_dict keys carry no _orig_mod prefix.
-        step_model=torch.compile(model) if cfg.compile else model,
+        step_model=torch.compile(model, mode=compile_mode(hw)) if cfg.compile else model,
         optimizer=optimizer,
         # The average starts as a copy of the initial (whitened) weights; a resume overwrites it.
         ema=engine.ema_model(model, cfg.ema) if cfg.ema > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed),
         policy=build_policy(cfg.aug, data.mean),
         loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
+
+
+def compile_mode(hw: engine.Hardware) -> str | None:
+    """torch.compile's mode for the training steps: on CUDA, "reduce-overhead", which replays
+    each step's forward and backward kernels as one CUDA graph. Without it the fast recipe's
+    loop is bound by the host launching kernels: a profiled epoch on an H200 kept the GPU busy
+    for 180 ms of its 468 ms. Elsewhere the default."""
+    return "reduce-overhead" if hw.device.type == "cuda" else None
 
 
 def training_set(data: CifarData, policy: Policy,
