@@ -6,7 +6,8 @@ training itself, from the whitening init to the last optimizer step, with no tes
 between (train tests after every epoch; this does not, so that the figure is the training's
 alone). The data set is loaded and, where train would, moved to the device before the clock
 starts. With compile, one throwaway model is trained for a few steps first and that compile
-warm-up is reported on its own line.
+warm-up is reported on its own line (on CUDA each seed's model still records its own CUDA
+graphs of the compiled step, inside its time).
 
 Timing: time.perf_counter on a CPU; on CUDA, CUDA events around the loop after a synchronize.
 Accuracy: the result network (the EMA's when on) on the test set, plain and with flip and
