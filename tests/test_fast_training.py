@@ -209,6 +209,14 @@ def test_frozen_bn_scales_stay_at_one_while_their_biases_train():
         validate(TrainConfig(bn_bias_lr=0.0))
 
 
+def test_the_training_step_is_compiled_as_cuda_graphs_on_a_gpu_only():
+    from steps.engine import Hardware
+    from steps.recipes import compile_mode
+
+    assert compile_mode(Hardware(torch.device("cuda"), torch.bfloat16, True)) == "reduce-overhead"
+    assert compile_mode(Hardware(torch.device("cpu"), None, True)) is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_training_epoch_on_a_gpu_does_not_wait_for_it_step_by_step():
     """The host only queues work on the GPU during an epoch: the number of points where it
