@@ -572,7 +572,7 @@ def lr_range_test(model: nn.Module, optimizer: torch.optim.Optimizer,
         for i in range(num_iter):
             lr = start_lr * (end_lr / start_lr) ** (i / (num_iter - 1))
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # build_optimizer's multiples hold here too
             try:
                 images, labels = next(batches)
             except StopIteration:

@@ -80,9 +80,9 @@ RECIPES: dict[str, dict[str, object]] = {
                   "div_factor": 25.0, "final_div_factor": 1e4, "whiten": False, "ema": 0.0, "compile": False,
                   "low_res": 0, "low_res_pct": 0.0, "whiten_bias_epochs": 0, "freeze_bn_scale": False,
                   "bn_bias_lr": 1.0},
-    # For a GPU: 15 epochs of 48 steps at batch 1024, what fits the 4 s aimed at on an H200
-    # (3.40 s for 15 against 2.35 s for airbench94's ~10, and 0.6-0.7 points more; README,
-    # 5 seeds each). airbench94's
+    # For a GPU: 15 epochs of 48 steps at batch 1024, what the 4 s aimed at hold on an H200: 15
+    # trained in 3.40 s where 10 (about airbench94's 9.9) took 2.35 s, and tested 0.6-0.7 points
+    # higher (README, 5 seeds each). airbench94's
     # augmentation, flip and translate without cutout, batched on the device (the uint8 set
     # moves there once; cutout cost the short CPU run below 2.4 points), 20% warm-up then linear
     # decay to 0 (airbench's triangle peaks at 23%), label smoothing 0.2 (airbench and Page),

@@ -363,6 +363,24 @@ def test_range_test_finds_a_sensible_lr_and_restores_everything(toy):
     assert optimizer.state_dict()["param_groups"] == groups_before
 
 
+def test_range_test_keeps_the_bn_biases_lr_multiple(toy):
+    train_x, train_y, _, _, mean, std = toy
+    model = tiny_net()
+    optimizer = engine.build_optimizer("sgd", model, 0.01, 5e-4, bn_bias_lr=64.0)
+    seen = []
+    step = optimizer.step
+
+    def record_lrs(*args, **kwargs):
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        return step(*args, **kwargs)
+
+    optimizer.step = record_lrs
+    engine.lr_range_test(model, optimizer, lambda: engine.iterate_batches(train_x, train_y, 32, drop_last=True),
+                         mean=mean, std=std, loss_fn=nn.CrossEntropyLoss(), hw=CPU, start_lr=1e-5, end_lr=1e-3,
+                         num_iter=5)
+    assert len(seen) == 5 and all(biases == pytest.approx(64 * rest) for rest, biases in seen)
+
+
 def test_range_test_restores_momentum_buffers(toy):
     train_x, train_y, _, _, mean, std = toy
     model = tiny_net()
