@@ -252,8 +252,9 @@ def start_training(cfg: TrainConfig, data: CifarData, hw: engine.Hardware) -> Tr
 def compile_mode(hw: engine.Hardware) -> str | None:
     """torch.compile's mode for the training steps: on CUDA, "reduce-overhead", which replays
     each step's forward and backward kernels as one CUDA graph. Without it the fast recipe's
-    loop is bound by the host launching kernels: a profiled epoch on an H200 kept the GPU busy
-    for 180 ms of its 468 ms. Elsewhere the default."""
+    loop is bound by the host launching kernels (a profiled epoch on an H200 left the GPU idle
+    for most of its time; README's GPU rows have the times with and without). Elsewhere the
+    default."""
     return "reduce-overhead" if hw.device.type == "cuda" else None
 
 
