@@ -11,10 +11,14 @@ The config and the --recipe presets are steps.recipes'. The run logs the recipe 
 resolved config as params; a parameter the run already holds as '' (not given, logged so by
 mlflow run) gets its value as <name>_resolved.
 
-Resuming: after every epoch the full training state goes to a checkpoint file named by a hash
-of the config and the data digest. Running the same command again after a crash or kill -9
-picks it up, copies the finished epochs' metrics into the new run (so it holds each epoch
-once), tags resumed_from_epoch and resumed_from_run, and carries on.
+Resuming: after an epoch that ends CIFAR10_CHECKPOINT_INTERVAL seconds (default 60; 0 = after
+every epoch) or more after the last checkpoint, the full training state goes to a checkpoint
+file named by a hash of the config and the data digest. Running the same command again after a
+crash or kill -9 picks it up, copies the finished epochs' metrics into the new run (so it holds
+each epoch once), tags resumed_from_epoch and resumed_from_run, and carries on. A crash so loses
+at most the interval and one epoch; a run of a few seconds, as the fast recipe's on a GPU, writes
+none, where one per epoch would cost more than a short epoch (README, "What an epoch's
+bookkeeping costs").
 """
 
 import fcntl
@@ -50,8 +54,8 @@ from steps.errors import StepError
 from steps import find_lr as find_lr_step
 from steps.find_lr import log_range_test, range_test
 from steps.options import WHOLE, OrNotGiven, log_params
-from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, TrainConfig, resolve_config, start_training, train_epoch,
-                           training_set, validate)
+from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, TrainConfig, Training, resolve_config, start_training,
+                           train_epoch, training_set, validate)
 from steps.runtime import retry, step_command
 
 log = logging.getLogger(__name__)
@@ -59,10 +63,25 @@ log = logging.getLogger(__name__)
 EPOCH_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr")
 CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_FORMAT = 2  # 2: holds the EMA's state ("ema", None when off)
+CHECKPOINT_INTERVAL_S = 60.0  # default of CIFAR10_CHECKPOINT_INTERVAL
 # --- checkpoints: where, and under what lock ----------------------------------------------------------
 
 def checkpoint_root() -> Path:
     return Path(os.environ.get("CIFAR10_CHECKPOINTS", Path.home() / ".cache" / "cifar10-mlflow" / "checkpoints"))
+
+
+def checkpoint_interval() -> float:
+    """Seconds of training between checkpoints, from CIFAR10_CHECKPOINT_INTERVAL."""
+    value = os.environ.get("CIFAR10_CHECKPOINT_INTERVAL", "").strip()
+    if not value:
+        return CHECKPOINT_INTERVAL_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise StepError(f"CIFAR10_CHECKPOINT_INTERVAL is a number of seconds >= 0 (0 = every epoch); got {value!r}")
+    return seconds
 
 
 def checkpoint_key(cfg: TrainConfig, data_digest: str) -> str:
@@ -105,6 +124,30 @@ def retrying(what: str, fn: Callable[[], None], attempts: int = 4, delay_s: floa
         retry(fn, attempts, delay_s)  # any type: the tracking client raises many for one outage
     except Exception as exc:
         log.warning("could not log %s after %d attempts (%s); training continues", what, attempts, exc)
+
+
+def log_metrics_queued(values: dict[str, float], step: int) -> Callable[[], None]:
+    """Hand an epoch's metrics to MLflow's background logging thread and return at once: a
+    synchronous write waits on the tracking store (a database commit, or an HTTP round trip),
+    and in a GPU epoch of a fraction of a second that wait is time the GPU sits idle. Returns
+    a function that waits for the write and, if it failed, writes again in the foreground
+    with retrying's backoff; train calls it once the epochs are done."""
+    try:
+        operation = mlflow.log_metrics(values, step=step, synchronous=False)
+    except Exception as exc:  # the queue itself refused: settle writes them in the foreground
+        log.debug("could not queue epoch %d metrics: %s", step, exc)
+        operation = None
+
+    def settle() -> None:
+        if operation is not None:
+            try:
+                operation.wait()
+                return
+            except Exception as exc:  # MLflow has logged the failure; write them again below
+                log.debug("queued epoch %d metrics failed: %s", step, exc)
+        retrying(f"epoch {step} metrics", partial(mlflow.log_metrics, values, step=step))
+
+    return settle
 
 
 def relog_history(run_id: str, history: dict[str, list[float]]) -> None:
@@ -155,6 +198,7 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
     """Train, or resume training, under the active MLflow run; log the model. Returns the
     last epoch's metrics. `recipe` is only recorded: cfg is already resolved (resolve_config)."""
     validate(cfg)
+    interval = checkpoint_interval()
     hw = engine.hardware(device, precision)
     data = load_data(data_uri)
     key = checkpoint_key(cfg, data.digest)
@@ -164,7 +208,7 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
     mlflow.set_tags({"data_digest": data.digest, "device": str(hw.device), "checkpoint_key": key,
                      "precision": str(hw.autocast or torch.float32).removeprefix("torch.")})
     with exclusive(folder):
-        metrics = _train_locked(cfg, data, hw, folder / CHECKPOINT_FILE, key, run_id)
+        metrics = _train_locked(cfg, data, hw, folder / CHECKPOINT_FILE, key, run_id, interval)
         # A finished run is the record of the training (metrics, weights); the checkpoint was
         # only there to get it finished, so it goes.
         shutil.rmtree(folder, ignore_errors=True)
@@ -172,7 +216,7 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
 
 
 def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: Path, key: str,
-                  run_id: str) -> dict[str, float]:
+                  run_id: str, interval: float) -> dict[str, float]:
     training = start_training(cfg, data, hw)
     state = read_checkpoint(path, key) if path.is_file() else None
 
@@ -204,6 +248,8 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
 
     train_set = training_set(data, training.policy, hw)
     tty = sys.stderr.isatty()
+    queued: list[Callable[[], None]] = []
+    saved_at = time.monotonic()
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         started = time.monotonic()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not tty)
@@ -218,21 +264,29 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
         values = dict(zip(EPOCH_METRICS, (train_loss, train_acc, test_loss, test_acc, lr_at(epoch * steps_per_epoch - 1))))
         for name, value in values.items():
             history[name].append(value)
-        engine.save_checkpoint(path, {
-            "format": CHECKPOINT_FORMAT, "key": key, "config": asdict(cfg), "run_id": run_id, "epoch": epoch,
-            "max_lr": max_lr, "lr_source": lr_source, "range_test": lr_test, "history": history,
-            "seconds": seconds, "model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": engine.rng_state(training.generator),
-            "ema": training.ema.state_dict() if training.ema is not None else None,
-        })
-        retrying(f"epoch {epoch} metrics", partial(mlflow.log_metrics, values, step=epoch))
+        if time.monotonic() - saved_at >= interval:
+            engine.save_checkpoint(path, {
+                "format": CHECKPOINT_FORMAT, "key": key, "config": asdict(cfg), "run_id": run_id, "epoch": epoch,
+                "max_lr": max_lr, "lr_source": lr_source, "range_test": lr_test, "history": history,
+                "seconds": seconds, **training_state(training, scheduler)})
+            saved_at = time.monotonic()
+        queued.append(log_metrics_queued(values, epoch))
         log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g | %.1f s",
                  epoch, cfg.epochs, train_loss, train_acc, test_loss, test_acc, values["lr"],
                  time.monotonic() - started)
 
+    for settle in queued:
+        settle()
     log_model(training.result, cfg.model, data)
     mlflow.log_metric("train_seconds", seconds)
     return {name: series[-1] for name, series in history.items()}
+
+
+def training_state(training: Training, scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
+    """What a checkpoint holds of the training itself: every state a resume loads back."""
+    return {"model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": engine.rng_state(training.generator),
+            "ema": training.ema.state_dict() if training.ema is not None else None}
 
 
 def log_model(model: nn.Module, name: str, data: CifarData) -> None:

@@ -271,6 +271,7 @@ def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri
     from steps.train import train
 
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("CIFAR10_CHECKPOINT_INTERVAL", "0")
     cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0.05, aug="tensor", schedule="warmup_linear",
                       whiten=True, ema=0.9, low_res=24, low_res_pct=0.5, whiten_bias_epochs=1, optimizer=optimizer)
     real_save = engine.save_checkpoint

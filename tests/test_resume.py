@@ -41,6 +41,7 @@ def weights(client: MlflowClient, run_id: str, tmp) -> dict[str, torch.Tensor]:
 
 def test_resumed_training_matches_an_uninterrupted_one(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("CIFAR10_CHECKPOINT_INTERVAL", "0")  # a checkpoint after every epoch, however short
     monkeypatch.setattr("steps.find_lr.NUM_ITER", 12)  # max_lr 0: a short range test in the run
     cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0, aug="reference")
     client = MlflowClient()
@@ -101,7 +102,7 @@ def test_kill_9_mid_training_then_rerun_resumes_and_logs_each_epoch_once(tmp_pat
     write_data(data_dir, *synthetic(n_train=480, n_test=100), source="synthetic")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     checkpoints = tmp_path / "checkpoints"
-    env = mlflow_run_env(uri, CIFAR10_CHECKPOINTS=str(checkpoints))
+    env = mlflow_run_env(uri, CIFAR10_CHECKPOINTS=str(checkpoints), CIFAR10_CHECKPOINT_INTERVAL="0")
     cmd = ["mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local", "-P", f"data={data_dir}",
            "-P", f"epochs={epochs}", "-P", "batch_size=32", "-P", "max_lr=0.05", "-P", "aug=none"]
 
@@ -199,3 +200,58 @@ def test_metric_logging_that_fails_mid_run_does_not_stop_training(synthetic_data
     assert steps == [2]
     assert "could not log epoch 1 metrics" in caplog.text
     assert [f.path for f in client.list_artifacts(run.info.run_id, "weights")]
+
+
+def test_epoch_metrics_are_written_off_the_training_thread_and_a_failed_write_again(
+        synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
+    """Each epoch's metrics go to MLflow's background logging thread, so the loop never waits on
+    the store; when that write fails (here epoch 1's, once), train writes them again at the end
+    and the run still holds every epoch once."""
+    import threading
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    real = SqlAlchemyStore.log_batch
+    writers, failed = [], []
+
+    def fail_epoch_1_once(self, run_id, metrics=(), params=(), tags=()):
+        if any(m.key == "test_accuracy" for m in metrics):
+            writers.append(threading.current_thread() is threading.main_thread())
+            if not failed and any(m.step == 1 for m in metrics):
+                failed.append(1)
+                raise ConnectionError("tracking store unreachable")
+        return real(self, run_id, metrics=metrics, params=params, tags=tags)
+
+    monkeypatch.setattr(SqlAlchemyStore, "log_batch", fail_epoch_1_once)
+    cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0.05, aug="none")
+    with mlflow.start_run() as run:
+        train(cfg, str(synthetic_data_dir), device="cpu")
+    # The first write came from the background thread and failed; the main thread wrote again
+    # (the threads' later writes may come in either order, and MLflow may merge queued epochs).
+    assert failed and writers[0] is False and True in writers
+    for name, points in history(MlflowClient(), run.info.run_id).items():
+        assert [step for step, _ in points] == [1, 2], name
+
+
+def test_checkpoints_are_written_once_the_interval_has_passed(synthetic_data_dir, tracking_uri, tmp_path,
+                                                              monkeypatch):
+    from steps.errors import StepError
+
+    monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    saved = []
+    real_save = engine.save_checkpoint
+    monkeypatch.setattr(engine, "save_checkpoint", lambda path, state: saved.append(state["epoch"]) or
+                        real_save(path, state))
+    cfg = TrainConfig(epochs=3, batch_size=50, max_lr=0.05, aug="none")
+    for interval, expected in (("0", [1, 2, 3]), ("", []), ("3600", [])):  # "" = the default, 60 s
+        saved.clear()
+        monkeypatch.setenv("CIFAR10_CHECKPOINT_INTERVAL", interval)
+        with mlflow.start_run():
+            train(cfg, str(synthetic_data_dir), device="cpu")
+        assert saved == expected, interval
+    for bad in ("-1", "soon", "inf", "nan"):
+        monkeypatch.setenv("CIFAR10_CHECKPOINT_INTERVAL", bad)
+        with pytest.raises(StepError, match=f"CIFAR10_CHECKPOINT_INTERVAL is a number of seconds >= 0 .*got '{bad}'"):
+            with mlflow.start_run():
+                train(cfg, str(synthetic_data_dir), device="cpu")
