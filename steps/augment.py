@@ -11,12 +11,16 @@ Two kinds, both on uint8 images, so no float copy of a batch exists before the m
 albumentations and OpenCV are imported only when an albumentations policy is built, so the
 tensor policies (and the training benchmark) run where only torch is installed.
 
-Randomness comes from the caller: an albumentations policy is reseeded once per epoch with a
-number drawn from the training generator, and the tensor policy draws from that generator
-directly, so a checkpoint of the generator's state replays the same augmentations on resume.
+Randomness comes from the caller: an albumentations policy is reseeded per batch from a number
+drawn once per epoch from the training generator (augment_batches), and the tensor policy draws
+from that generator directly, so a checkpoint of the generator's state replays the same
+augmentations on resume.
 """
 
-from collections.abc import Callable, Sequence
+import itertools
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +52,47 @@ class AlbumentationsPolicy:
         for i, image in enumerate(images):
             out[i] = self.transform(image=image)["image"]
         return out
+
+
+def augment_batches(policy: AlbumentationsPolicy, x: np.ndarray, batches: Sequence[np.ndarray], seed: int,
+                    workers: int = 0) -> Iterator[np.ndarray]:
+    """policy applied to x[idx] for each idx in batches, in order. Batch b is augmented right
+    after reseeding the policy with seed + b, so the images are the same whatever `workers` is.
+
+    workers 0 augments here, one image after another. More forks that many processes, which
+    inherit x and the policy (only the indices go out; the augmented uint8 batches come back)
+    and keep two batches each in flight: per-image albumentations on one core cannot keep up
+    with a GPU (custom_resnet's reference recipe on an H200: README). The pool lives for one
+    pass over `batches` and is ended when it is done or abandoned."""
+    if workers == 0:
+        for b, idx in enumerate(batches):
+            policy.reseed(seed + b)
+            yield policy(x[idx])
+        return
+    # fork: the children share x with this process (copy-on-write) instead of unpickling it.
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_adopt, initargs=(policy, x))
+    try:
+        tasks = ((idx, seed + b) for b, idx in enumerate(batches))
+        pending = deque(pool.apply_async(_augment_batch, task) for task in itertools.islice(tasks, 2 * workers))
+        while pending:
+            images = pending.popleft().get()
+            pending.extend(pool.apply_async(_augment_batch, task) for task in itertools.islice(tasks, 1))
+            yield images
+    finally:
+        pool.terminate()
+
+
+# A worker's policy and images, set once when the pool starts it (each worker is its own process).
+_worker: dict = {}
+
+
+def _adopt(policy: AlbumentationsPolicy, x: np.ndarray) -> None:
+    _worker.update(policy=policy, x=x)
+
+
+def _augment_batch(idx: np.ndarray, seed: int) -> np.ndarray:
+    _worker["policy"].reseed(seed)
+    return _worker["policy"](_worker["x"][idx])
 
 
 class TensorPolicy:
@@ -118,12 +163,23 @@ def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(index > size - 1, 2 * (size - 1) - index, index)
 
 
+def _albumentations():
+    """The albumentations and cv2 modules, with OpenCV's thread pool off in this process: a
+    process forked once that pool has started (augment_batches' workers) can hang in its first
+    OpenCV call, waiting on threads it does not have; and on 32x32 images the pool gains
+    nothing, the parallelism being augment_batches' processes."""
+    import albumentations
+    import cv2
+
+    cv2.setNumThreads(0)
+    return albumentations, cv2
+
+
 def _reference(mean: Mean) -> AlbumentationsPolicy:
     # The ResNet-9 recipe: pad 4 on each side (reflected, so the crop never shows a black
     # band the test set has no counterpart of), random 32x32 crop, mirror, one 8x8 hole
     # filled with the mean so the normalised hole is zero.
-    import albumentations as A
-    import cv2
+    A, cv2 = _albumentations()
 
     return AlbumentationsPolicy("reference", A.Compose([
         A.PadIfNeeded(40, 40, border_mode=cv2.BORDER_REFLECT_101),
@@ -137,8 +193,7 @@ def _reference(mean: Mean) -> AlbumentationsPolicy:
 def _separable(mean: Mean) -> AlbumentationsPolicy:
     # The separable-net recipe: mirror, a small shift/scale/rotate (albumentations 2's Affine,
     # which replaces ShiftScaleRotate), one 16x16 hole filled with the mean.
-    import albumentations as A
-    import cv2
+    A, cv2 = _albumentations()
 
     return AlbumentationsPolicy("separable", A.Compose([
         A.HorizontalFlip(p=0.5),

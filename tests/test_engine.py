@@ -233,6 +233,45 @@ def test_policies_keep_uint8_and_shape(name):
         assert torch.equal(first, torch.cat([b[0] for b in again]))
 
 
+@pytest.mark.parametrize("name", ["reference", "separable"])
+def test_cpu_policies_give_the_same_batches_in_worker_processes_and_end_their_pool(name):
+    """The per-image policies run in a pool of processes when a GPU trains; each batch is
+    reseeded on its own, so the images do not depend on how many processes made them or in
+    what order they finished."""
+    import multiprocessing
+
+    x, y, *_ = synthetic(n_train=200, n_test=0)
+    policy = build_policy(name, (0.5, 0.4, 0.3))
+
+    def epoch(workers: int) -> list:
+        return list(engine.iterate_batches(x, y, 16, generator=torch.Generator().manual_seed(3), augment=policy,
+                                           workers=workers))
+
+    here = epoch(0)
+    for workers in (1, 3):
+        pooled = epoch(workers)
+        assert len(pooled) == len(here) == 13
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(here, pooled))
+    assert not torch.equal(here[0][0], here[1][0][:16])  # the images were augmented, not copied
+    assert multiprocessing.active_children() == []
+    # A loop that stops early (find_lr, a crash) ends the pool too.
+    batches = engine.iterate_batches(x, y, 16, generator=torch.Generator(), augment=policy, workers=2)
+    next(batches)
+    assert len(multiprocessing.active_children()) == 2
+    batches.close()
+    assert multiprocessing.active_children() == []
+
+
+def test_augment_workers_use_the_cores_but_one_when_a_gpu_trains(monkeypatch):
+    from steps.recipes import MAX_AUGMENT_WORKERS, augment_workers
+
+    cuda = engine.Hardware(torch.device("cuda"), torch.bfloat16, True)
+    for cores, expected in ((1, 0), (3, 2), (64, MAX_AUGMENT_WORKERS)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
+        assert augment_workers(cuda) == expected
+        assert augment_workers(engine.Hardware(torch.device("cpu"), None, True)) == 0
+
+
 def test_unknown_policy_lists_the_known():
     with pytest.raises(ValueError, match="known: reference, separable, tensor, flip_translate, none"):
         build_policy("mixup", (0.5, 0.5, 0.5))
