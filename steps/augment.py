@@ -69,7 +69,9 @@ def augment_batches(policy: AlbumentationsPolicy, x: np.ndarray, batches: Sequen
             policy.reseed(seed + b)
             yield policy(x[idx])
         return
-    # fork: the children share x with this process (copy-on-write) instead of unpickling it.
+    # fork, as torch's DataLoader does on Linux: the children share x with this process
+    # (copy-on-write) instead of unpickling a copy each. They run only numpy, albumentations and
+    # single-threaded OpenCV, none of the torch, CUDA or MLflow code whose threads they lack.
     pool = multiprocessing.get_context("fork").Pool(workers, initializer=_adopt, initargs=(policy, x))
     try:
         tasks = ((idx, seed + b) for b, idx in enumerate(batches))
