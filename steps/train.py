@@ -3,8 +3,10 @@
 Reads: the `data/` output of download_data (a path or runs:/<run_id>/data), and optionally a
 find_lr run's `suggested_lr`. Writes: every TrainConfig field as a param, plus data_digest
 (param and tag) and max_lr_used; per epoch (step = epoch, counted from 1) the metrics
-train_loss, train_accuracy, test_loss, test_accuracy and lr; at the end weights/ (state_dict.pt
-and model_config.json, for evaluate and the registry), model_summary.txt and train_seconds.
+train_loss, train_accuracy, test_loss, test_accuracy and lr, and epoch_seconds (its training and
+test pass; the first epoch holds torch.compile's warm-up, so the others show the steady pace);
+at the end weights/ (state_dict.pt and model_config.json, for evaluate and the registry),
+model_summary.txt and train_seconds (the epochs' sum).
 With max_lr 0 and no lr_run, also find_lr's suggested_lr and plots/lr_range_test.png.
 
 The config and the --recipe presets are steps.recipes'. The run logs the recipe name and the
@@ -259,7 +261,8 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
             bar.close()
         test_loss, test_acc, _ = engine.evaluate(training.result, data.test_x, data.test_y, data.mean, data.std,
                                                  batch_size=EVAL_BATCH)
-        seconds += time.monotonic() - started
+        epoch_seconds = time.monotonic() - started
+        seconds += epoch_seconds
         # lr: the LR of the epoch's last optimizer step.
         values = dict(zip(EPOCH_METRICS, (train_loss, train_acc, test_loss, test_acc, lr_at(epoch * steps_per_epoch - 1))))
         for name, value in values.items():
@@ -270,10 +273,10 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
                 "max_lr": max_lr, "lr_source": lr_source, "range_test": lr_test, "history": history,
                 "seconds": seconds, **training_state(training, scheduler)})
             saved_at = time.monotonic()
-        queued.append(log_metrics_queued(values, epoch))
+        # epoch_seconds is this process's own figure, so it stays out of the history a resume copies.
+        queued.append(log_metrics_queued({**values, "epoch_seconds": epoch_seconds}, epoch))
         log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g | %.1f s",
-                 epoch, cfg.epochs, train_loss, train_acc, test_loss, test_acc, values["lr"],
-                 time.monotonic() - started)
+                 epoch, cfg.epochs, train_loss, train_acc, test_loss, test_acc, values["lr"], epoch_seconds)
 
     for settle in queued:
         settle()

@@ -78,6 +78,14 @@ def test_resumed_training_matches_an_uninterrupted_one(synthetic_data_dir, track
     # Same order of batches, same augmentations, same optimizer state: the same numbers.
     assert history(client, resumed.info.run_id) == history(client, straight.info.run_id)
     assert [s for s, _ in history(client, resumed.info.run_id)["test_accuracy"]] == [1, 2]
+    # Epoch times are each process's own: the resumed run has only the epoch it ran; the
+    # straight one has both, and train_seconds is their sum.
+    resumed_times = client.get_metric_history(resumed.info.run_id, "epoch_seconds")
+    assert [m.step for m in resumed_times] == [2] and resumed_times[0].value > 0
+    straight_times = sorted((m.step, m.value) for m in client.get_metric_history(straight.info.run_id, "epoch_seconds"))
+    assert [step for step, _ in straight_times] == [1, 2]
+    assert client.get_run(straight.info.run_id).data.metrics["train_seconds"] == \
+        pytest.approx(sum(v for _, v in straight_times))
     a, b = weights(client, resumed.info.run_id, tmp_path / "a"), weights(client, straight.info.run_id, tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
