@@ -19,6 +19,7 @@ augmentations on resume.
 
 import itertools
 import multiprocessing
+import signal
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 
@@ -73,15 +74,22 @@ def augment_batches(policy: AlbumentationsPolicy, x: np.ndarray, batches: Sequen
     # (copy-on-write) instead of unpickling a copy each. They run only numpy, albumentations and
     # single-threaded OpenCV, none of the torch, CUDA or MLflow code whose threads they lack.
     pool = multiprocessing.get_context("fork").Pool(workers, initializer=_adopt, initargs=(policy, x))
+    pending = deque()
     try:
         tasks = ((idx, seed + b) for b, idx in enumerate(batches))
-        pending = deque(pool.apply_async(_augment_batch, task) for task in itertools.islice(tasks, 2 * workers))
+        pending.extend(pool.apply_async(_augment_batch, task) for task in itertools.islice(tasks, 2 * workers))
         while pending:
             images = pending.popleft().get()
             pending.extend(pool.apply_async(_augment_batch, task) for task in itertools.islice(tasks, 1))
             yield images
     finally:
-        pool.terminate()
+        # Stop the pool only once no batch is in flight, and let its workers exit by themselves:
+        # Pool.terminate() with batches in flight kills workers that may hold the pool's queue
+        # locks, and then waits on those locks for ever (it hung the test suite).
+        for result in pending:
+            result.wait()
+        pool.close()
+        pool.join()
 
 
 # A worker's policy and images, set once when the pool starts it (each worker is its own process).
@@ -89,6 +97,9 @@ _worker: dict = {}
 
 
 def _adopt(policy: AlbumentationsPolicy, x: np.ndarray) -> None:
+    # Ctrl-C is the training process's to handle: it ends the pool as above, which needs the
+    # workers to finish their batches rather than die holding the pool's locks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker.update(policy=policy, x=x)
 
 
