@@ -21,6 +21,8 @@ import itertools
 import multiprocessing
 import signal
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -73,23 +75,26 @@ def augment_batches(policy: AlbumentationsPolicy, x: np.ndarray, batches: Sequen
     # fork, as torch's DataLoader does on Linux: the children share x with this process
     # (copy-on-write) instead of unpickling a copy each. They run only numpy, albumentations and
     # single-threaded OpenCV, none of the torch, CUDA or MLflow code whose threads they lack.
-    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_adopt, initargs=(policy, x))
+    # An executor rather than multiprocessing.Pool: a worker that dies (the OOM killer) breaks
+    # its futures at once instead of leaving its batch awaited for ever.
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_adopt,
+                                   initargs=(policy, x))
     pending = deque()
     try:
         tasks = ((idx, seed + b) for b, idx in enumerate(batches))
-        pending.extend(pool.apply_async(_augment_batch, task) for task in itertools.islice(tasks, 2 * workers))
+        pending.extend(executor.submit(_augment_batch, *task) for task in itertools.islice(tasks, 2 * workers))
         while pending:
-            images = pending.popleft().get()
-            pending.extend(pool.apply_async(_augment_batch, task) for task in itertools.islice(tasks, 1))
+            images = pending.popleft().result()
+            pending.extend(executor.submit(_augment_batch, *task) for task in itertools.islice(tasks, 1))
             yield images
+    except BrokenProcessPool:
+        raise StepError("an augmentation worker process died (killed, or out of memory?); run the same command "
+                        "again to resume") from None
     finally:
-        # Stop the pool only once no batch is in flight, and let its workers exit by themselves:
-        # Pool.terminate() with batches in flight kills workers that may hold the pool's queue
-        # locks, and then waits on those locks for ever (it hung the test suite).
-        for result in pending:
-            result.wait()
-        pool.close()
-        pool.join()
+        # Batches not started are dropped; those in flight are waited for, so that no worker is
+        # killed holding the queues' locks (multiprocessing.Pool.terminate() did that, and then
+        # waited on the locks for ever: it hung the test suite).
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 # A worker's policy and images, set once when the pool starts it (each worker is its own process).
@@ -98,7 +103,7 @@ _worker: dict = {}
 
 def _adopt(policy: AlbumentationsPolicy, x: np.ndarray) -> None:
     # Ctrl-C is the training process's to handle: it ends the pool as above, which needs the
-    # workers to finish their batches rather than die holding the pool's locks.
+    # workers to finish their batches rather than die holding the queues' locks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker.update(policy=policy, x=x)
 

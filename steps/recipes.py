@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 EVAL_BATCH = 1024  # images per forward in the test passes (train's per epoch, the benchmark's at the end)
 WHITEN_IMAGES = 5000  # airbench94's sample: plenty for a 12x12 covariance
-# A cap, so that a many-core GPU host does not fork dozens of processes every epoch: at the ~0.16 ms
+# A cap, so that a many-core GPU host does not fork dozens of processes every epoch: at the ~0.15 ms
 # an image that the reference policy takes on one core here (README), 8 make a batch of 512 in ~10 ms.
 MAX_AUGMENT_WORKERS = 8
 

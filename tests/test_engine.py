@@ -276,6 +276,39 @@ print("ended", flush=True)
 """
 
 
+KILL_A_WORKER = """
+import multiprocessing, os, signal, torch
+from steps import engine
+from steps.augment import build_policy
+from steps.data import synthetic
+from steps.errors import StepError
+x, y, *_ = synthetic(n_train=2000, n_test=0)
+policy = build_policy("reference", (0.5, 0.4, 0.3))
+batches = engine.iterate_batches(x, y, 16, generator=torch.Generator(), augment=policy, workers=2)
+next(batches)
+os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+try:
+    for _ in batches:
+        pass
+except StepError as exc:
+    print(exc)
+print("no workers left:", multiprocessing.active_children() == [], flush=True)
+"""
+
+
+def test_an_augmentation_worker_killed_mid_epoch_ends_training_with_one_line():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", KILL_A_WORKER], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        "an augmentation worker process died (killed, or out of memory?); run the same command again to resume",
+        "no workers left: True"]
+
+
 def test_a_loop_that_stops_early_ends_the_augmentation_pool():
     """find_lr's range test, or a crash, leaves an epoch's batches unfinished with batches in
     flight. Killing the workers then can hang for ever on the locks they held (it did, once in
