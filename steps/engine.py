@@ -384,11 +384,6 @@ class WeightAverage(nn.Module):
         self.n_averaged += 1
 
 
-def ema_model(model: nn.Module, decay: float) -> WeightAverage:
-    """The EMA of model's weights with this per-step decay (its cap), starting as a copy."""
-    return WeightAverage(model, decay)
-
-
 # --- batches -----------------------------------------------------------------------------------------
 
 def num_batches(n: int, batch_size: int, drop_last: bool) -> int:

@@ -247,7 +247,7 @@ def start_training(cfg: TrainConfig, data: CifarData, hw: engine.Hardware) -> Tr
         step_model=torch.compile(model, mode=compile_mode(hw)) if cfg.compile else model,
         optimizer=optimizer,
         # The average starts as a copy of the initial (whitened) weights; a resume overwrites it.
-        ema=engine.ema_model(model, cfg.ema) if cfg.ema > 0 else None,
+        ema=engine.WeightAverage(model, cfg.ema) if cfg.ema > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed),
         policy=build_policy(cfg.aug, data.mean),
         loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))

@@ -121,7 +121,7 @@ def test_ema_follows_the_weights_at_its_warmed_up_decay_and_averages_batchnorm_s
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    ema = engine.ema_model(model, decay=0.9)
+    ema = engine.WeightAverage(model, decay=0.9)
     start = [p.detach().clone() for p in model.parameters()]
     ema.update_parameters(model)  # the first update copies
     assert all(torch.equal(a, p) for a, p in zip(ema.module.parameters(), start))
@@ -160,14 +160,14 @@ def test_ema_state_dict_round_trips_into_a_fresh_average():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    ema = engine.ema_model(model, decay=0.9)
+    ema = engine.WeightAverage(model, decay=0.9)
     for _ in range(3):
         with torch.no_grad():
             model[0].weight.add_(1.0)
         ema.update_parameters(model)
     state = ema.state_dict()
     assert set(state) == {"n_averaged", *(f"module.{k}" for k in model.state_dict())}
-    fresh = engine.ema_model(model, decay=0.9)
+    fresh = engine.WeightAverage(model, decay=0.9)
     fresh.load_state_dict(state)
     assert int(fresh.n_averaged) == 3 and torch.equal(fresh.module[0].weight, ema.module[0].weight)
 
@@ -235,7 +235,7 @@ def test_a_training_epoch_on_a_gpu_does_not_wait_for_it_step_by_step():
     model = engine.build_model("fast_net_small", 0, hw)
     optimizer = engine.build_optimizer("sgd", model, 1.0, 5e-4)
     scheduler = engine.lambda_scheduler(optimizer, lambda step: 0.01)
-    ema = engine.ema_model(model, 0.99)
+    ema = engine.WeightAverage(model, 0.99)
     policy = build_policy("flip_translate", (0.5, 0.5, 0.5))
     generator = torch.Generator().manual_seed(0)
 
