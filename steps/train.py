@@ -252,6 +252,7 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
     tty = sys.stderr.isatty()
     queued: list[Callable[[], None]] = []
     saved_at = time.monotonic()
+    timed: list[float] = []  # this process's epochs, for the closing line
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         started = time.monotonic()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not tty)
@@ -263,6 +264,7 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
                                                  batch_size=EVAL_BATCH)
         epoch_seconds = time.monotonic() - started
         seconds += epoch_seconds
+        timed.append(epoch_seconds)
         # lr: the LR of the epoch's last optimizer step.
         values = dict(zip(EPOCH_METRICS, (train_loss, train_acc, test_loss, test_acc, lr_at(epoch * steps_per_epoch - 1))))
         for name, value in values.items():
@@ -275,11 +277,15 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
             saved_at = time.monotonic()
         # epoch_seconds is this process's own figure, so it stays out of the history a resume copies.
         queued.append(log_metrics_queued({**values, "epoch_seconds": epoch_seconds}, epoch))
-        log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g | %.1f s",
+        log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g | %.2f s",
                  epoch, cfg.epochs, train_loss, train_acc, test_loss, test_acc, values["lr"], epoch_seconds)
 
     for settle in queued:
         settle()
+    if timed:
+        # The first epoch holds torch.compile's warm-up, if any: said apart so it can be read off.
+        log.info("train_seconds %.2f: this process's first epoch %.2f s, its other %d %.2f s (each with its test pass)",
+                 seconds, timed[0], len(timed) - 1, sum(timed[1:]))
     log_model(training.result, cfg.model, data)
     mlflow.log_metric("train_seconds", seconds)
     return {name: series[-1] for name, series in history.items()}

@@ -39,7 +39,7 @@ def weights(client: MlflowClient, run_id: str, tmp) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
 
-def test_resumed_training_matches_an_uninterrupted_one(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
+def test_resumed_training_matches_an_uninterrupted_one(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
     monkeypatch.setenv("CIFAR10_CHECKPOINT_INTERVAL", "0")  # a checkpoint after every epoch, however short
     monkeypatch.setattr("steps.find_lr.NUM_ITER", 12)  # max_lr 0: a short range test in the run
@@ -59,8 +59,11 @@ def test_resumed_training_matches_an_uninterrupted_one(synthetic_data_dir, track
     monkeypatch.setattr(engine, "save_checkpoint", real_save)
     assert len(list((tmp_path / "checkpoints").glob("*/last.pt"))) == 1
 
+    caplog.set_level("INFO", logger="steps.train")
     with mlflow.start_run() as resumed:
         train(cfg, str(synthetic_data_dir), device="cpu")
+    resumed_log = caplog.text
+    caplog.clear()
     with mlflow.start_run() as straight:
         train(cfg, str(synthetic_data_dir), device="cpu")
 
@@ -84,8 +87,13 @@ def test_resumed_training_matches_an_uninterrupted_one(synthetic_data_dir, track
     assert [m.step for m in resumed_times] == [2] and resumed_times[0].value > 0
     straight_times = sorted((m.step, m.value) for m in client.get_metric_history(straight.info.run_id, "epoch_seconds"))
     assert [step for step, _ in straight_times] == [1, 2]
-    assert client.get_run(straight.info.run_id).data.metrics["train_seconds"] == \
-        pytest.approx(sum(v for _, v in straight_times))
+    straight_seconds = client.get_run(straight.info.run_id).data.metrics["train_seconds"]
+    assert straight_seconds == pytest.approx(sum(v for _, v in straight_times))
+    # The closing line splits this process's first epoch (compile warm-up) from the rest.
+    (_, first), (_, second) = straight_times
+    assert f"train_seconds {straight_seconds:.2f}: this process's first epoch {first:.2f} s, its other 1 {second:.2f} s" \
+        in caplog.text
+    assert "its other 0 " in resumed_log
     a, b = weights(client, resumed.info.run_id, tmp_path / "a"), weights(client, straight.info.run_id, tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
