@@ -1,5 +1,4 @@
-"""What train does after each epoch besides training, timed piece by piece: the test pass (train's,
-steps.recipes.epoch_test, and the evaluate step's float32 one from host memory), a
+"""What train does after each epoch besides training, timed piece by piece: the test pass, a
 checkpoint of the training state, and the epoch's metrics written to a SQLite tracking store,
 synchronously or queued for MLflow's background thread as train queues them
 (steps.train.log_metrics_queued). On a CPU, where an epoch takes minutes, none of it shows; in
@@ -34,8 +33,7 @@ import mlflow  # noqa: E402
 from benchmarks.train_speed import machine  # noqa: E402
 from steps import engine  # noqa: E402
 from steps.data import load_data, synthetic, write_data  # noqa: E402
-from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, epoch_test, resolve_config, start_training,  # noqa: E402
-                           test_images, train_epoch, training_set)
+from steps.recipes import EVAL_BATCH, RECIPES, SCHEDULES, resolve_config, start_training, train_epoch, training_set  # noqa: E402
 from steps.train import EPOCH_METRICS, log_metrics_queued, training_state  # noqa: E402
 
 
@@ -68,17 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         checkpoint = tmp / "checkpoints" / "last.pt"
         values = dict.fromkeys(EPOCH_METRICS, 0.5)
-        test_x = test_images(data, hw)
-        rows = {"test_pass": [], "test_pass_float32": [], "checkpoint": [], "metrics_synchronous": [],
-                "metrics_queued": []}
+        rows = {"test_pass": [], "checkpoint": [], "metrics_synchronous": [], "metrics_queued": []}
         settles = []
         mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
         with mlflow.start_run():
             for i in range(args.repeats):
-                rows["test_pass"].append(timed(lambda: epoch_test(training, test_x, data, hw)))
-                # As train's pass was until it ran in the training's precision on placed images;
-                # the evaluate step's pass is this one.
-                rows["test_pass_float32"].append(timed(lambda: engine.evaluate(
+                rows["test_pass"].append(timed(lambda: engine.evaluate(
                     training.result, data.test_x, data.test_y, data.mean, data.std, batch_size=EVAL_BATCH)))
                 rows["checkpoint"].append(timed(lambda: engine.save_checkpoint(
                     checkpoint, {"epoch": i, **training_state(training, scheduler)})))

@@ -7,7 +7,6 @@ whitening init and the weight average, batches, one epoch of training, evaluatio
 test, checkpoints.
 """
 
-import contextlib
 import copy
 import math
 import os
@@ -511,20 +510,16 @@ def _check_finite(loss_sum: torch.Tensor, batch: int, scheduler) -> None:
 
 # --- evaluation ---------------------------------------------------------------------------------------
 
-def evaluate(model: nn.Module, x: np.ndarray | torch.Tensor, y: np.ndarray, mean: Sequence[float],
-             std: Sequence[float], *, batch_size: int = 512, tta: str = "none",
-             hw: Hardware | None = None) -> tuple[float, float, torch.Tensor]:
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, mean: Sequence[float], std: Sequence[float], *,
+             batch_size: int = 512, tta: str = "none") -> tuple[float, float, torch.Tensor]:
     """(mean cross-entropy, accuracy, CPU float32 logits) over uint8 NHWC images x.
 
-    The forward pass is inference.predict_logits, the one the served model uses: in float32,
-    unless hw is given, which runs it under hw's autocast as training's forward runs (train's
-    per-epoch pass: a progress figure, where the evaluate step's is the one that counts). The
-    loss is plain cross-entropy, without the label smoothing of training, so it is comparable
-    across runs whatever their smoothing.
+    The forward pass is inference.predict_logits, the one the served model uses. The loss is
+    plain cross-entropy, without the label smoothing of training, so it is comparable across
+    runs whatever their smoothing.
     """
     model.eval()
-    with autocast(hw) if hw is not None else contextlib.nullcontext():
-        logits = predict_logits(model, x, mean, std, batch_size=batch_size, tta=tta)
+    logits = predict_logits(model, x, mean, std, batch_size=batch_size, tta=tta)
     labels = torch.as_tensor(y, dtype=torch.int64)
     if len(labels) == 0:
         return float("nan"), float("nan"), logits

@@ -271,22 +271,6 @@ def training_set(data: CifarData, policy: Policy,
     return data.train_x, data.train_y
 
 
-def test_images(data: CifarData, hw: engine.Hardware) -> np.ndarray | torch.Tensor:
-    """The uint8 test images of train's per-epoch pass: moved once to a GPU, where copying them
-    from pageable memory every epoch would be part of each pass."""
-    return torch.from_numpy(data.test_x).to(hw.device) if hw.device.type == "cuda" else data.test_x
-
-
-def epoch_test(training: Training, test_x: np.ndarray | torch.Tensor, data: CifarData,
-               hw: engine.Hardware) -> tuple[float, float]:
-    """train's per-epoch (test loss, test accuracy) of the network it will log, in the
-    training's precision (bf16 autocast on a GPU): a progress figure, cheaper than the float32
-    pass of the evaluate step, whose figures are the ones that count."""
-    loss, accuracy, _ = engine.evaluate(training.result, test_x, data.test_y, data.mean, data.std,
-                                        batch_size=EVAL_BATCH, hw=hw)
-    return loss, accuracy
-
-
 def augment_workers(hw: engine.Hardware) -> int:
     """Processes for a CPU-side (albumentations) policy: when a GPU trains, the cores but one,
     which drives the GPU, up to MAX_AUGMENT_WORKERS; when the CPU trains, none, since its cores

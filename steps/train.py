@@ -56,8 +56,8 @@ from steps.errors import StepError
 from steps import find_lr as find_lr_step
 from steps.find_lr import log_range_test, range_test
 from steps.options import WHOLE, OrNotGiven, log_params
-from steps.recipes import (RECIPES, SCHEDULES, TrainConfig, Training, epoch_test, resolve_config, start_training,
-                           test_images, train_epoch, training_set, validate)
+from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, TrainConfig, Training, resolve_config, start_training,
+                           train_epoch, training_set, validate)
 from steps.runtime import retry, step_command
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
         close_dead_run(state["run_id"])
         log.info("resuming from %s: %d of %d epochs done (run %s)", path, start_epoch, cfg.epochs, state["run_id"])
 
-    train_set, test_x = training_set(data, training.policy, hw), test_images(data, hw)
+    train_set = training_set(data, training.policy, hw)
     tty = sys.stderr.isatty()
     queued: list[Callable[[], None]] = []
     saved_at = time.monotonic()
@@ -260,7 +260,8 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
             train_loss, train_acc = train_epoch(cfg, training, scheduler, epoch, train_set, data, hw, progress=bar)
         finally:
             bar.close()
-        test_loss, test_acc = epoch_test(training, test_x, data, hw)
+        test_loss, test_acc, _ = engine.evaluate(training.result, data.test_x, data.test_y, data.mean, data.std,
+                                                 batch_size=EVAL_BATCH)
         epoch_seconds = time.monotonic() - started
         seconds += epoch_seconds
         timed.append(epoch_seconds)

@@ -11,7 +11,6 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from cifar_models import create_model
 from steps import engine
 from steps.augment import POLICIES, TensorPolicy, build_policy, pixel_mean
 from steps.data import channel_stats, synthetic
@@ -532,18 +531,3 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
     loaded = engine.load_checkpoint(path)
     assert loaded["epoch"] == 1 and torch.equal(loaded["weights"], torch.ones(1000))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
-
-
-def test_evaluate_runs_in_the_training_precision_only_when_asked():
-    """train's per-epoch pass gives hw and runs under its autocast; the evaluate step's and
-    the served model's give none and stay in float32 whatever the machine."""
-    torch.manual_seed(0)
-    x, y, _, _ = synthetic(n_train=64, n_test=0)
-    model = create_model("fast_net_small")
-    mean, std = channel_stats(x)
-    float32 = engine.evaluate(model, x, y, mean, std, batch_size=32)
-    again = engine.evaluate(model, x, y, mean, std, batch_size=32, hw=engine.hardware("cpu", "fp32"))
-    bf16 = engine.evaluate(model, x, y, mean, std, batch_size=32, hw=engine.hardware("cpu", "bf16"))
-    assert torch.equal(float32[2], again[2])
-    assert bf16[2].dtype == torch.float32 and not torch.equal(float32[2], bf16[2])
-    assert torch.allclose(float32[2], bf16[2], atol=0.1) and bf16[0] == pytest.approx(float32[0], rel=0.05)
