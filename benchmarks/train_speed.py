@@ -46,8 +46,8 @@ from steps.artifacts import MANIFEST  # noqa: E402
 from steps.augment import POLICIES, build_policy  # noqa: E402
 from steps.data import CifarData, load_data, local_path, read_cifar, write_data  # noqa: E402
 from steps.errors import StepError  # noqa: E402
-from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, TrainConfig, resolve_config, start_training,  # noqa: E402
-                           train_epoch, training_set, validate)
+from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, TrainConfig, augment_workers, resolve_config,  # noqa: E402
+                           start_training, train_epoch, training_set, validate)
 
 WARMUP_STEPS = 5  # compile warm-up: enough steps to compile the training step's graphs
 
@@ -76,14 +76,15 @@ class Clock:
 
 
 def train_seed(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, train_set: tuple,
-               max_steps: int | None = None) -> nn.Module:
-    """train's loop for cfg (max_lr must be set), untracked; returns the result network."""
+               max_steps: int | None = None, workers: int | None = None) -> nn.Module:
+    """train's loop for cfg (max_lr must be set), untracked; returns the result network.
+    workers: augmentation processes, None = as train takes them (recipes.augment_workers)."""
     training = start_training(cfg, data, hw)
     steps_per_epoch = engine.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
     scheduler = engine.lambda_scheduler(
         training.optimizer, SCHEDULES[cfg.schedule](cfg, cfg.max_lr, cfg.epochs * steps_per_epoch))
     for epoch in range(1, cfg.epochs + 1):
-        train_epoch(cfg, training, scheduler, epoch, train_set, data, hw, max_steps=max_steps)
+        train_epoch(cfg, training, scheduler, epoch, train_set, data, hw, max_steps=max_steps, workers=workers)
         if max_steps is not None:
             break
     return training.result
@@ -131,13 +132,17 @@ def run(args: argparse.Namespace) -> dict:
     validate(base)
     if base.max_lr <= 0:
         raise SystemExit("this benchmark needs a fixed --max-lr (the recipe's is 0: a range test)")
+    if args.augment_workers is not None and args.augment_workers < 0:
+        raise SystemExit(f"--augment-workers must be 0 or more, got {args.augment_workers}")
     train_set = training_set(data, build_policy(base.aug, data.mean), hw)
+    workers = augment_workers(hw) if args.augment_workers is None else args.augment_workers
     clock = Clock(hw.device)
 
     warmup_s = None
     if base.compile:
         clock.start()
-        train_seed(replace(base, seed=args.first_seed + 10_000), data, hw, train_set, max_steps=WARMUP_STEPS)
+        train_seed(replace(base, seed=args.first_seed + 10_000), data, hw, train_set, max_steps=WARMUP_STEPS,
+                   workers=workers)
         warmup_s = clock.stop()
         print(f"compile warm-up: {warmup_s:.2f} s ({WARMUP_STEPS} steps of a throwaway model)", flush=True)
 
@@ -145,7 +150,7 @@ def run(args: argparse.Namespace) -> dict:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         cfg = replace(base, seed=seed)
         clock.start()
-        net = train_seed(cfg, data, hw, train_set)
+        net = train_seed(cfg, data, hw, train_set, workers=workers)
         seconds = clock.stop()
         row = {"seed": seed, "train_seconds": seconds}
         for tta, key in (("none", "test_accuracy"), ("flip", "test_accuracy_flip_tta"),
@@ -168,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
             "machine": machine(hw),
             "recipe": args.recipe, "config": asdict(base), "data": {"uri": args.data, "digest": data.digest,
             "source": data.source, "train_size": len(data.train_y), "test_size": len(data.test_y)},
-            "compile_warmup_seconds": warmup_s, "seeds": seeds, "summary": summary}
+            "augment_workers": workers, "compile_warmup_seconds": warmup_s, "seeds": seeds, "summary": summary}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -190,6 +195,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--whiten-bias-epochs", type=int, help="override the recipe's (0 = the bias trains throughout)")
     p.add_argument("--freeze-bn-scale", choices=["true", "false"], help="override the recipe's")
     p.add_argument("--bn-bias-lr", type=float, help="override the recipe's (the BatchNorm biases' LR multiple, sgd)")
+    p.add_argument("--augment-workers", type=int,
+                   help="processes for a per-image (albumentations) policy; train's choice unless given")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images only (smoke runs)")
     p.add_argument("--test-limit", type=int, default=0, help="first N test images only (smoke runs)")
     p.add_argument("--device", default="auto")

@@ -282,13 +282,15 @@ def augment_workers(hw: engine.Hardware) -> int:
 
 def train_epoch(cfg: TrainConfig, training: Training, scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int,
                 train_set: tuple, data: CifarData, hw: engine.Hardware, progress=None,
-                max_steps: int | None = None) -> tuple[float, float]:
+                max_steps: int | None = None, workers: int | None = None) -> tuple[float, float]:
     """Epoch `epoch` (counted from 1) of cfg's training, or its first max_steps steps: the
     whitening bias frozen or not and the image size as the epoch wants them, a fresh shuffle.
-    Returns (mean training loss, training accuracy)."""
+    workers: processes for a per-image policy, None = augment_workers(hw); the batches are the
+    same for any number. Returns (mean training loss, training accuracy)."""
     engine.train_whiten_bias(training.model, whiten_bias_trains(cfg, epoch))  # set every epoch: a resume lands anywhere
     batches = engine.iterate_batches(*train_set, cfg.batch_size, generator=training.generator, drop_last=True,
-                                     augment=training.policy, workers=augment_workers(hw))
+                                     augment=training.policy,
+                                     workers=augment_workers(hw) if workers is None else workers)
     if max_steps is not None:
         batches = itertools.islice(batches, max_steps)
     return engine.train_one_epoch(training.step_model, training.optimizer, scheduler, batches, mean=data.mean,

@@ -92,3 +92,26 @@ def test_train_speed_refuses_a_missing_archive_in_one_line(tmp_path):
         train_speed.main(["--data", str(missing), "--recipe", "cpu", "--out", str(tmp_path / "x.json")])
     assert str(stopped.value) == f"error: {missing}: no such file or folder"
     assert not (tmp_path / "x.json").exists()
+
+
+def test_augment_workers_reach_the_pool_and_leave_the_network_unchanged(synthetic_data_dir, tmp_path, monkeypatch):
+    """--augment-workers overrides train's choice (none on a CPU) for a per-image policy, so
+    the pool's speed can be set against one process on a GPU machine; the network is the same."""
+    from steps import engine
+
+    seen = []
+    real = engine.iterate_batches
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["workers"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "iterate_batches", spy)
+    common = ["--data", str(synthetic_data_dir), "--recipe", "reference", "--max-lr", "0.05", "--seeds", "1",
+              "--epochs", "1", "--batch-size", "50", "--device", "cpu"]
+    pooled = train_speed.main([*common, "--augment-workers", "2", "--out", str(tmp_path / "2.json")])
+    alone = train_speed.main([*common, "--out", str(tmp_path / "0.json")])
+    assert seen == [2, 0] and (pooled["augment_workers"], alone["augment_workers"]) == (2, 0)
+    assert pooled["seeds"][0]["test_accuracy_tta"] == alone["seeds"][0]["test_accuracy_tta"]
+    with pytest.raises(SystemExit, match="--augment-workers must be 0 or more, got -1"):
+        train_speed.main([*common, "--augment-workers", "-1", "--out", str(tmp_path / "bad.json")])
