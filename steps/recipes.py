@@ -67,6 +67,7 @@ class TrainConfig:
     whiten_bias_epochs: int = 0  # epochs the whitening conv's bias trains before it is frozen too; 0 = all
     freeze_bn_scale: bool = False  # BatchNorm scales fixed at 1 (engine.freeze_bn_scales); their biases train
     bn_bias_lr: float = 1.0  # the BatchNorm biases' LR as a multiple of the schedule's (sgd only), same decay per step
+    test_every: int = 1  # train's test pass runs after every test_every-th epoch and after the last (1 = each epoch)
 
 
 # Presets of TrainConfig fields (fields not named keep TrainConfig's defaults). SGD is always
@@ -83,7 +84,7 @@ RECIPES: dict[str, dict[str, object]] = {
                   "label_smoothing": 0.1, "aug": "reference", "schedule": "one_cycle", "pct_start": 5 / 24,
                   "div_factor": 25.0, "final_div_factor": 1e4, "whiten": False, "ema": 0.0, "compile": False,
                   "low_res": 0, "low_res_pct": 0.0, "whiten_bias_epochs": 0, "freeze_bn_scale": False,
-                  "bn_bias_lr": 1.0},
+                  "bn_bias_lr": 1.0, "test_every": 1},
     # For a GPU: 15 epochs of 48 steps at batch 1024, what the 4 s aimed at hold on an H200: 15
     # trained in 3.40 s where 10 (about airbench94's 9.9) took 2.35 s, and tested 0.6-0.7 points
     # higher (README, 5 seeds each). airbench94's
@@ -97,11 +98,13 @@ RECIPES: dict[str, dict[str, object]] = {
     # (one or two seeds, so no figures), identity-initialised convs and its BatchNorm momentum
     # gained nothing; nor did peak LRs 0.4, 1.2 and 1.6, decay 1e-4, EMA off or 0.95, label
     # smoothing 0.1, batch 512 or cutout by more than one seed's noise, and decay 2.5e-3 did
-    # far worse.
+    # far worse. train's test pass runs after epochs 5, 10 and 15 only: on the H200 a pass took
+    # 30 ms, about 11% of train's 0.27 s epochs, and with one after each of the 15 epochs train's
+    # loop came to about 4.1 s, an estimate from three runs (README, "On a GPU").
     "fast": {"model": "fast_net", "epochs": 15, "batch_size": 1024, "max_lr": 0.8, "optimizer": "sgd",
              "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "flip_translate", "schedule": "warmup_linear",
              "pct_start": 0.2, "whiten": True, "ema": 0.98, "compile": True, "freeze_bn_scale": True,
-             "bn_bias_lr": 64.0},
+             "bn_bias_lr": 64.0, "test_every": 5},
     # For a 2-core CPU: just under 15 minutes of training on an AVX2-only one. There fast_net's
     # training step costs 6.5-6.8 ms an image in float32 + channels_last at any batch from 128 to
     # 512 (benchmarks/step_time.py), so an epoch is ~330 s and only two fit in 15 minutes (81.3% on
@@ -177,6 +180,8 @@ def validate(cfg: TrainConfig) -> None:
         raise StepError(f"bn_bias_lr is a positive multiple of the LR; got {cfg.bn_bias_lr}")
     if cfg.bn_bias_lr != 1 and cfg.optimizer != "sgd":
         raise StepError(f"bn_bias_lr other than 1 needs optimizer sgd, not {cfg.optimizer!r}")
+    if cfg.test_every < 1:
+        raise StepError(f"test_every is a number of epochs >= 1 (1 = a test pass after each); got {cfg.test_every}")
     if cfg.whiten_bias_epochs < 0:
         raise StepError(f"whiten_bias_epochs is a number of epochs, 0 = the bias trains throughout; got {cfg.whiten_bias_epochs}")
     if cfg.low_res:
@@ -201,6 +206,13 @@ def epoch_size(cfg: TrainConfig, epoch: int) -> int | None:
     rest at full size, so that the BatchNorm statistics and the last steps match the test images."""
     low_epochs = math.floor(cfg.low_res_pct * cfg.epochs + 1e-9)  # 5/9 of 9 epochs is 5, float or not
     return cfg.low_res if cfg.low_res and epoch <= low_epochs else None
+
+
+def tests_after(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether train runs its test pass after `epoch` (counted from 1): after every
+    test_every-th epoch and always after the last, so a run's last test metrics are those of
+    the weights it logs."""
+    return epoch % cfg.test_every == 0 or epoch == cfg.epochs
 
 
 def whiten_bias_trains(cfg: TrainConfig, epoch: int) -> bool:

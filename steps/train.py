@@ -3,8 +3,9 @@
 Reads: the `data/` output of download_data (a path or runs:/<run_id>/data), and optionally a
 find_lr run's `suggested_lr`. Writes: every TrainConfig field as a param, plus data_digest
 (param and tag) and max_lr_used; per epoch (step = epoch, counted from 1) the metrics
-train_loss, train_accuracy, test_loss, test_accuracy and lr, and epoch_seconds (its training and
-test pass; the first epoch holds torch.compile's warm-up, so the others show the steady pace);
+train_loss, train_accuracy and lr, test_loss and test_accuracy after the epochs with a test pass
+(every test_every-th and the last), and epoch_seconds (its training and test pass, if any; the
+first epoch holds torch.compile's warm-up, so the others show the steady pace);
 at the end weights/ (state_dict.pt and model_config.json, for evaluate and the registry),
 model_summary.txt and train_seconds (the epochs' sum).
 With max_lr 0 and no lr_run, also find_lr's suggested_lr and plots/lr_range_test.png.
@@ -57,14 +58,14 @@ from steps import find_lr as find_lr_step
 from steps.find_lr import log_range_test, range_test
 from steps.options import WHOLE, OrNotGiven, log_params
 from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, TrainConfig, Training, resolve_config, start_training,
-                           train_epoch, training_set, validate)
+                           tests_after, train_epoch, training_set, validate)
 from steps.runtime import retry, step_command
 
 log = logging.getLogger(__name__)
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr")
 CHECKPOINT_FILE = "last.pt"
-CHECKPOINT_FORMAT = 2  # 2: holds the EMA's state ("ema", None when off)
+CHECKPOINT_FORMAT = 3  # 2: holds the EMA's state ("ema", None when off); 3: history by epoch (test_every)
 CHECKPOINT_INTERVAL_S = 60.0  # default of CIFAR10_CHECKPOINT_INTERVAL
 # --- checkpoints: where, and under what lock ----------------------------------------------------------
 
@@ -152,10 +153,9 @@ def log_metrics_queued(values: dict[str, float], step: int) -> Callable[[], None
     return settle
 
 
-def relog_history(run_id: str, history: dict[str, list[float]]) -> None:
+def relog_history(run_id: str, history: dict[int, dict[str, float]]) -> None:
     now = int(time.time() * 1000)
-    metrics = [Metric(name, value, now, epoch) for name, values in history.items()
-               for epoch, value in enumerate(values, start=1)]
+    metrics = [Metric(name, value, now, epoch) for epoch, values in history.items() for name, value in values.items()]
     client = MlflowClient()
     for start in range(0, len(metrics), 500):  # log_batch takes at most 1000 metrics
         retrying("resumed metric history", partial(client.log_batch, run_id, metrics=metrics[start:start + 500]))
@@ -224,7 +224,8 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
 
     if state is None:
         max_lr, lr_source, lr_test = resolve_max_lr(cfg, training.model, training.optimizer, data, hw)
-        history: dict[str, list[float]] = {name: [] for name in EPOCH_METRICS}
+        # epoch -> its metrics: all of EPOCH_METRICS after a test pass, the training ones alone otherwise
+        history: dict[int, dict[str, float]] = {}
         start_epoch, seconds = 0, 0.0
     else:
         max_lr, lr_source, lr_test = state["max_lr"], state["lr_source"], state.get("range_test")
@@ -260,15 +261,15 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
             train_loss, train_acc = train_epoch(cfg, training, scheduler, epoch, train_set, data, hw, progress=bar)
         finally:
             bar.close()
-        test_loss, test_acc, _ = engine.evaluate(training.result, data.test_x, data.test_y, data.mean, data.std,
-                                                 batch_size=EVAL_BATCH)
+        # lr: the LR of the epoch's last optimizer step.
+        values = {"train_loss": train_loss, "train_accuracy": train_acc, "lr": lr_at(epoch * steps_per_epoch - 1)}
+        if tests_after(cfg, epoch):
+            values["test_loss"], values["test_accuracy"], _ = engine.evaluate(
+                training.result, data.test_x, data.test_y, data.mean, data.std, batch_size=EVAL_BATCH)
         epoch_seconds = time.monotonic() - started
         seconds += epoch_seconds
         timed.append(epoch_seconds)
-        # lr: the LR of the epoch's last optimizer step.
-        values = dict(zip(EPOCH_METRICS, (train_loss, train_acc, test_loss, test_acc, lr_at(epoch * steps_per_epoch - 1))))
-        for name, value in values.items():
-            history[name].append(value)
+        history[epoch] = values
         if time.monotonic() - saved_at >= interval:
             engine.save_checkpoint(path, {
                 "format": CHECKPOINT_FORMAT, "key": key, "config": asdict(cfg), "run_id": run_id, "epoch": epoch,
@@ -277,18 +278,20 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
             saved_at = time.monotonic()
         # epoch_seconds is this process's own figure, so it stays out of the history a resume copies.
         queued.append(log_metrics_queued({**values, "epoch_seconds": epoch_seconds}, epoch))
-        log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | lr %.4g | %.2f s",
-                 epoch, cfg.epochs, train_loss, train_acc, test_loss, test_acc, values["lr"], epoch_seconds)
+        tested = (f"test loss {values['test_loss']:.4f} acc {values['test_accuracy']:.4f}" if "test_loss" in values
+                  else "no test pass")
+        log.info("epoch %d/%d: train loss %.4f acc %.4f | %s | lr %.4g | %.2f s",
+                 epoch, cfg.epochs, train_loss, train_acc, tested, values["lr"], epoch_seconds)
 
     for settle in queued:
         settle()
     if timed:
         # The first epoch holds torch.compile's warm-up, if any: said apart so it can be read off.
-        log.info("train_seconds %.2f: this process's first epoch %.2f s, its other %d %.2f s (each with its test pass)",
+        log.info("train_seconds %.2f: this process's first epoch %.2f s, its other %d %.2f s (test passes included)",
                  seconds, timed[0], len(timed) - 1, sum(timed[1:]))
     log_model(training.result, cfg.model, data)
     mlflow.log_metric("train_seconds", seconds)
-    return {name: series[-1] for name, series in history.items()}
+    return history[cfg.epochs]  # tests_after: the last epoch always has its test pass
 
 
 def training_state(training: Training, scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
@@ -337,6 +340,7 @@ def _default(name: str) -> str:
 @click.option("--whiten-bias-epochs", type=OrNotGiven(WHOLE), help=f"Epochs the whitening bias trains, 0 = all; {_default('whiten_bias_epochs')}.")
 @click.option("--freeze-bn-scale", type=OrNotGiven(click.BOOL), help=f"true/false: BatchNorm scales fixed at 1; {_default('freeze_bn_scale')}.")
 @click.option("--bn-bias-lr", type=OrNotGiven(click.FLOAT), help=f"BatchNorm biases' LR as a multiple of the rest's (sgd); {_default('bn_bias_lr')}.")
+@click.option("--test-every", type=OrNotGiven(WHOLE), help=f"A test pass after every n-th epoch and the last; {_default('test_every')}.")
 @click.option("--seed", default=TrainConfig.seed, type=WHOLE, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu or cuda.")
 @click.option("--precision", default="auto", show_default=True, help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32; channels_last always.")

@@ -114,6 +114,21 @@ def test_the_whitening_bias_trains_for_the_first_epochs_only_when_whitened():
     assert trains(whiten=False, whiten_bias_epochs=1) == [True] * 4  # an ordinary conv trains as it is
 
 
+def test_train_tests_after_every_nth_epoch_and_always_after_the_last():
+    from steps.errors import StepError
+    from steps.recipes import RECIPES, TrainConfig, tests_after, validate
+
+    def tested(epochs, every):
+        return [e for e in range(1, epochs + 1) if tests_after(TrainConfig(epochs=epochs, test_every=every), e)]
+
+    assert tested(4, 1) == [1, 2, 3, 4]
+    assert tested(5, 2) == [2, 4, 5]
+    assert tested(15, RECIPES["fast"]["test_every"]) == [5, 10, 15]
+    assert tested(3, 7) == [3]  # longer than the run: the last epoch alone
+    with pytest.raises(StepError, match="test_every is a number of epochs >= 1"):
+        validate(TrainConfig(test_every=0))
+
+
 # --- the weight average ------------------------------------------------------------------------------
 
 def test_ema_follows_the_weights_at_its_warmed_up_decay_and_averages_batchnorm_stats():
@@ -381,12 +396,13 @@ def test_cli_treats_the_empty_string_as_not_given(monkeypatch):
     monkeypatch.setattr(train_step, "train", lambda cfg, data, device, precision, recipe: seen.update(
         cfg=cfg, recipe=recipe))
     args = ["--data", "d", "--recipe", "cpu", "--epochs", "", "--batch-size", "256", "--whiten", "",
-            "--compile", "false", "--ema", "0.0", "--low-res", "", "--low-res-pct", "0.4", "--whiten-bias-epochs", "2"]
+            "--compile", "false", "--ema", "0.0", "--low-res", "", "--low-res-pct", "0.4", "--whiten-bias-epochs", "2",
+            "--test-every", "3"]
     result = CliRunner().invoke(train_step.cli, args)
     assert result.exit_code == 0, result.output
     cfg = seen["cfg"]
     assert (cfg.epochs, cfg.batch_size, cfg.whiten, cfg.compile, cfg.ema, cfg.low_res, cfg.low_res_pct,
-            cfg.whiten_bias_epochs, seen["recipe"]) == (9, 256, True, False, 0.0, 24, 0.4, 2, "cpu")
+            cfg.whiten_bias_epochs, cfg.test_every, seen["recipe"]) == (9, 256, True, False, 0.0, 24, 0.4, 2, 3, "cpu")
     result = CliRunner().invoke(train_step.cli, ["--data", "d", "--recipe", "turbo"])
     assert result.exit_code != 0 and "unknown recipe 'turbo'; known: custom, reference, fast, cpu" in result.output
 
