@@ -1,5 +1,5 @@
 """Time of one epoch's augmentation by a per-image (albumentations) policy, in this process and
-in pools of worker processes (engine.iterate_batches' `workers`, which train uses when a GPU
+in pools of worker processes (batches.iterate_batches' `workers`, which train uses when a GPU
 trains: recipes.augment_workers): whether the pool keeps a GPU fed where one core cannot.
 
     python benchmarks/augment_time.py --policy reference --images 50000 --workers 0,1,2 --repeats 5
@@ -26,14 +26,14 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from steps import engine  # noqa: E402
+from steps import batches  # noqa: E402
 from steps.augment import build_policy  # noqa: E402
 from steps.data import synthetic  # noqa: E402
 
 
 def epoch_seconds(policy, x, y, batch_size: int, workers: int) -> float:
     began = time.perf_counter()
-    for _ in engine.iterate_batches(x, y, batch_size, generator=torch.Generator().manual_seed(0), drop_last=True,
+    for _ in batches.iterate_batches(x, y, batch_size, generator=torch.Generator().manual_seed(0), drop_last=True,
                                     augment=policy, workers=workers):
         pass
     return time.perf_counter() - began

@@ -8,7 +8,7 @@ the fast recipe's GPU epochs of a fraction of a second, each is a share of the e
 
 The state is the recipe's model, optimizer (after two training steps, so its momentum buffers
 exist), schedule and EMA, built on synthetic data by steps.recipes.start_training and written by
-train's own steps.train.training_state and engine.save_checkpoint (fsynced) to a temporary
+train's own steps.train.training_state and checkpoints.save_checkpoint (fsynced) to a temporary
 folder; each metric write is the five epoch metrics at a new step. Compile is off: it changes
 nothing here and its warm-up takes minutes on a CPU. Medians over --repeats, time.perf_counter
 (on CUDA the test pass ends with its logits on the CPU, so it is waited for).
@@ -31,9 +31,9 @@ if str(REPO) not in sys.path:
 import mlflow  # noqa: E402
 
 from benchmarks.train_speed import machine  # noqa: E402
-from steps import engine  # noqa: E402
+from steps import checkpoints, hardware, loop, schedules  # noqa: E402
 from steps.data import load_data, synthetic, write_data  # noqa: E402
-from steps.recipes import EVAL_BATCH, RECIPES, SCHEDULES, resolve_config, start_training, train_epoch, training_set  # noqa: E402
+from steps.recipes import EVAL_BATCH, RECIPES, resolve_config, start_training, train_epoch, training_set  # noqa: E402
 from steps.train import EPOCH_METRICS, log_metrics_queued, training_state  # noqa: E402
 
 
@@ -54,14 +54,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=Path("epoch_bookkeeping.json"))
     args = p.parse_args(argv)
 
-    hw = engine.hardware(args.device, args.precision)
+    hw = hardware.hardware(args.device, args.precision)
     cfg = replace(resolve_config(args.recipe, {"model": args.model}), compile=False, max_lr=0.1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_data(tmp / "data", *synthetic(n_train=2 * cfg.batch_size, n_test=args.test_images), source="synthetic")
         data = load_data(str(tmp / "data"))
         training = start_training(cfg, data, hw)
-        scheduler = engine.lambda_scheduler(training.optimizer, SCHEDULES[cfg.schedule](cfg, cfg.max_lr, 100))
+        scheduler = schedules.lambda_scheduler(training.optimizer, schedules.SCHEDULES[cfg.schedule](cfg, cfg.max_lr, 100))
         train_epoch(cfg, training, scheduler, 1, training_set(data, training.policy, hw), data, hw, max_steps=2)
 
         checkpoint = tmp / "checkpoints" / "last.pt"
@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
         mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
         with mlflow.start_run():
             for i in range(args.repeats):
-                rows["test_pass"].append(timed(lambda: engine.evaluate(
+                rows["test_pass"].append(timed(lambda: loop.evaluate(
                     training.result, data.test_x, data.test_y, data.mean, data.std, batch_size=EVAL_BATCH)))
-                rows["checkpoint"].append(timed(lambda: engine.save_checkpoint(
+                rows["checkpoint"].append(timed(lambda: checkpoints.save_checkpoint(
                     checkpoint, {"epoch": i, **training_state(training, scheduler)})))
                 rows["metrics_synchronous"].append(timed(lambda: mlflow.log_metrics(values, step=2 * i,
                                                                                    synchronous=True)))

@@ -1,5 +1,5 @@
 """Time of one training step (forward, backward, optimizer step) of a model, by dtype, memory layout
-and batch size, on random data: what `engine.hardware` and the CPU recipe are sized from. With
+and batch size, on random data: what `hardware.hardware` and the CPU recipe are sized from. With
 --forward, the time of one inference forward (eval mode, torch.inference_mode) instead: why
 `cifar_models.preprocess.to_nchw` hands the networks NHWC-strided batches. With --muon, the
 cpu recipe's step (whitening conv frozen, its bias trainable) with SGD and then with Muon on the
@@ -34,21 +34,21 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from cifar_models import create_model  # noqa: E402
-from steps import engine  # noqa: E402
+from steps import hardware, loop, optim, whiten  # noqa: E402
 
 WARMUP = 2  # steps before timing: oneDNN/cuDNN pick and cache their kernels on the first ones
 
 
-def step_seconds(model_name: str, hw: engine.Hardware, batch_size: int, repeats: int,
+def step_seconds(model_name: str, hw: hardware.Hardware, batch_size: int, repeats: int,
                  forward_only: bool = False, whiten_bias: bool | None = None, optimizer: str = "sgd") -> list[float]:
     """whiten_bias None: the model as created; True or False: its first conv frozen as train's
     whitening leaves it, with the bias trainable (True) or frozen too (False). optimizer: a name
-    in engine.OPTIMIZERS."""
-    model = engine.prepare_model(create_model(model_name), hw)
+    in optim.OPTIMIZERS."""
+    model = hardware.prepare_model(create_model(model_name), hw)
     if whiten_bias is not None:
         model.whiten.weight.requires_grad_(False)
-        engine.train_whiten_bias(model, whiten_bias)
-    optimizer = engine.build_optimizer(optimizer, model, 0.01, 5e-4)
+        whiten.train_whiten_bias(model, whiten_bias)
+    optimizer = optim.build_optimizer(optimizer, model, 0.01, 5e-4)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2)
     x = torch.randn(batch_size, 3, 32, 32, device=hw.device)
     x = x.contiguous(memory_format=torch.channels_last) if hw.channels_last else x
@@ -56,8 +56,8 @@ def step_seconds(model_name: str, hw: engine.Hardware, batch_size: int, repeats:
 
     def step() -> torch.Tensor:
         if not forward_only:
-            return engine.train_step(model, optimizer, loss_fn, x, labels, hw)[0]
-        with torch.inference_mode(), engine.autocast(hw):
+            return loop.train_step(model, optimizer, loss_fn, x, labels, hw)[0]
+        with torch.inference_mode(), hardware.autocast(hw):
             return model(x).sum()
 
     model.train(not forward_only)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     mode.add_argument("--forward", action="store_true", help="time an inference forward, not a training step")
     mode.add_argument("--whiten-bias", action="store_true",
                    help="only fp32 channels_last rows, with the first conv frozen as whitening leaves it: bias "
-                        "trainable, then frozen too (engine.train_whiten_bias); the ratio is to the first")
+                        "trainable, then frozen too (whiten.train_whiten_bias); the ratio is to the first")
     mode.add_argument("--muon", action="store_true",
                       help="only fp32 channels_last rows, the first conv frozen as whitening leaves it (bias "
                            "trainable): SGD, then Muon on the filters; the ratio is to the first")
@@ -92,22 +92,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = engine.hardware(args.device, "fp32").device
-    native_bf16 = device.type == "cuda" or engine.cpu_has_native_bf16()
+    device = hardware.hardware(args.device, "fp32").device
+    native_bf16 = device.type == "cuda" or hardware.cpu_has_native_bf16()
     layouts = [(None, False), (None, True)]
     if native_bf16 or args.all:
         layouts += [(torch.bfloat16, False), (torch.bfloat16, True)]
     # What is compared, per model and batch size: the first row is the base of the ratios.
     if args.whiten_bias:
-        hw = engine.Hardware(device, None, True)
+        hw = hardware.Hardware(device, None, True)
         variants = [(hw, True, "sgd", {"whiten_bias": "trains"}), (hw, False, "sgd", {"whiten_bias": "frozen"})]
         ratio, base_name = "vs_bias_trains", "a trainable whitening bias"
     elif args.muon:
-        hw = engine.Hardware(device, None, True)
+        hw = hardware.Hardware(device, None, True)
         variants = [(hw, True, "sgd", {"optimizer": "sgd"}), (hw, True, "muon", {"optimizer": "muon"})]
         ratio, base_name = "vs_sgd", "SGD"
     else:
-        variants = [(engine.Hardware(device, dtype, channels_last), None, "sgd", {})
+        variants = [(hardware.Hardware(device, dtype, channels_last), None, "sgd", {})
                     for dtype, channels_last in layouts]
         ratio, base_name = "vs_fp32_nchw", "fp32 NCHW"
     rows = []

@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from steps import engine  # noqa: E402
+from steps import batches, hardware, whiten  # noqa: E402
 from steps.data import load_data, synthetic, write_data  # noqa: E402
 from steps.errors import StepError  # noqa: E402
 from steps.recipes import (RECIPES, TrainConfig, Training, epoch_size, resolve_config, start_training,  # noqa: E402
@@ -69,12 +69,12 @@ def forward_flops(training: Training, side: int = FULL_SIZE) -> float:
 
 
 def recipe_flops(cfg: TrainConfig, training: Training, train_images: int, batch: int) -> dict:
-    steps = engine.num_batches(train_images, cfg.batch_size, drop_last=True)
+    steps = batches.num_batches(train_images, cfg.batch_size, drop_last=True)
     kinds: dict[tuple[int, bool], dict] = {}  # (side, whitening bias trains) -> its counts and epochs
     for epoch in range(1, cfg.epochs + 1):
         key = (epoch_size(cfg, epoch) or FULL_SIZE, whiten_bias_trains(cfg, epoch))
         if key not in kinds:
-            engine.train_whiten_bias(training.model, key[1])
+            whiten.train_whiten_bias(training.model, key[1])
             per_image, per_step = step_flops(training, key[0], batch)
             kinds[key] = {"side": key[0], "whiten_bias_trains": key[1], "epochs": [],
                           "gflop_per_image": per_image / 1e9, "gflop_per_optimizer_step": per_step / 1e9}
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: {exc}") from None
         configs.append((recipe, cfg))
 
-    hw = engine.Hardware(torch.device("cpu"), None, False)
+    hw = hardware.Hardware(torch.device("cpu"), None, False)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_data(Path(tmp) / "data", *synthetic(n_train=200, n_test=10), source="synthetic")

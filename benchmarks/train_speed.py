@@ -41,12 +41,12 @@ if str(REPO) not in sys.path:  # run as a script: benchmarks/ is on sys.path, th
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from steps import engine  # noqa: E402
+from steps import batches, hardware, loop, optim, schedules  # noqa: E402
 from steps.artifacts import MANIFEST  # noqa: E402
 from steps.augment import POLICIES, build_policy  # noqa: E402
 from steps.data import CifarData, load_data, local_path, read_cifar, write_data  # noqa: E402
 from steps.errors import StepError  # noqa: E402
-from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, TrainConfig, augment_workers, resolve_config,  # noqa: E402
+from steps.recipes import (EVAL_BATCH, RECIPES, TrainConfig, augment_workers, resolve_config,  # noqa: E402
                            start_training, train_epoch, training_set, validate)
 
 WARMUP_STEPS = 5  # compile warm-up: enough steps to compile the training step's graphs
@@ -75,14 +75,14 @@ class Clock:
         return time.perf_counter() - self.begin
 
 
-def train_seed(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, train_set: tuple,
+def train_seed(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, train_set: tuple,
                max_steps: int | None = None, workers: int | None = None) -> nn.Module:
     """train's loop for cfg (max_lr must be set), untracked; returns the result network.
     workers: augmentation processes, None = as train takes them (recipes.augment_workers)."""
     training = start_training(cfg, data, hw)
-    steps_per_epoch = engine.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
-    scheduler = engine.lambda_scheduler(
-        training.optimizer, SCHEDULES[cfg.schedule](cfg, cfg.max_lr, cfg.epochs * steps_per_epoch))
+    steps_per_epoch = batches.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
+    scheduler = schedules.lambda_scheduler(
+        training.optimizer, schedules.SCHEDULES[cfg.schedule](cfg, cfg.max_lr, cfg.epochs * steps_per_epoch))
     for epoch in range(1, cfg.epochs + 1):
         train_epoch(cfg, training, scheduler, epoch, train_set, data, hw, max_steps=max_steps, workers=workers)
         if max_steps is not None:
@@ -107,7 +107,7 @@ def read_data(uri: str) -> CifarData:
         return load_data(str(Path(tmp) / "data"))
 
 
-def machine(hw: engine.Hardware) -> dict:
+def machine(hw: hardware.Hardware) -> dict:
     info = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": str(hw.device),
             "autocast": str(hw.autocast), "channels_last": hw.channels_last}
@@ -117,7 +117,7 @@ def machine(hw: engine.Hardware) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    hw = engine.hardware(args.device, args.precision)
+    hw = hardware.hardware(args.device, args.precision)
     data = read_data(args.data)
     if args.train_limit:
         data = replace(data, train_x=data.train_x[:args.train_limit], train_y=data.train_y[:args.train_limit])
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
         row = {"seed": seed, "train_seconds": seconds}
         for tta, key in (("none", "test_accuracy"), ("flip", "test_accuracy_flip_tta"),
                          ("flip_shift", "test_accuracy_tta")):
-            row[key] = engine.evaluate(net, data.test_x, data.test_y, data.mean, data.std,
+            row[key] = loop.evaluate(net, data.test_x, data.test_y, data.mean, data.std,
                                        batch_size=EVAL_BATCH, tta=tta)[1]
         seeds.append(row)
         print(f"seed {seed}: {seconds:.2f} s, test accuracy {row['test_accuracy']:.4f} "
@@ -187,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="override the recipe's")
     p.add_argument("--batch-size", type=int, help="override the recipe's")
     p.add_argument("--max-lr", type=float, help="override the recipe's")
-    p.add_argument("--optimizer", choices=sorted(engine.OPTIMIZERS), help="override the recipe's")
+    p.add_argument("--optimizer", choices=sorted(optim.OPTIMIZERS), help="override the recipe's")
     p.add_argument("--aug", choices=sorted(POLICIES), help="override the recipe's")
     p.add_argument("--compile", choices=["true", "false"], help="override the recipe's")
     p.add_argument("--low-res", type=int, help="override the recipe's (0 = full size throughout)")

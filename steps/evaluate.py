@@ -22,7 +22,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from cifar_models.inference import SPEC_FILE, load_network
-from steps import engine
+from steps import hardware, loop
 from steps.artifacts import PLOTS_DIR, TEST_ACCURACY_METRIC, WEIGHTS_DIR
 from steps.data import load_data
 from steps.errors import StepError
@@ -83,7 +83,7 @@ def training_curves(train_run_id: str) -> dict[str, tuple[list[int], list[float]
 
 def evaluate(model_uri: str, data_uri: str, *, batch_size: int = 1024, device: str = "auto") -> dict[str, float]:
     """Evaluate and log to the active MLflow run. Returns the logged metrics."""
-    hw = engine.hardware(device)
+    hw = hardware.hardware(device)
     folder, train_run_id = resolve_model(model_uri)
     data = load_data(data_uri)
     model, spec = load_network(folder, hw.device)
@@ -96,11 +96,11 @@ def evaluate(model_uri: str, data_uri: str, *, batch_size: int = 1024, device: s
             log.warning("model %s was trained on data %s, evaluated here on data %s", train_run_id, trained_on, data.digest)
 
     # The network's own normalisation (stored with its weights), not this data set's.
-    loss, accuracy, logits = engine.evaluate(model, data.test_x, data.test_y, spec.mean, spec.std, batch_size=batch_size)
+    loss, accuracy, logits = loop.evaluate(model, data.test_x, data.test_y, spec.mean, spec.std, batch_size=batch_size)
     # Test-time augmentation is measured here only: the served model keeps one forward per image.
-    _, flip_accuracy, _ = engine.evaluate(model, data.test_x, data.test_y, spec.mean, spec.std,
+    _, flip_accuracy, _ = loop.evaluate(model, data.test_x, data.test_y, spec.mean, spec.std,
                                           batch_size=batch_size, tta="flip")
-    _, tta_accuracy, _ = engine.evaluate(model, data.test_x, data.test_y, spec.mean, spec.std,
+    _, tta_accuracy, _ = loop.evaluate(model, data.test_x, data.test_y, spec.mean, spec.std,
                                          batch_size=batch_size, tta="flip_shift")
     metrics = {TEST_ACCURACY_METRIC: accuracy, "test_loss": loss, "test_accuracy_flip_tta": flip_accuracy,
                "test_accuracy_tta": tta_accuracy}

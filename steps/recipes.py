@@ -20,19 +20,22 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
 
 from cifar_models.registry import create_model, list_models
-from steps import engine
+from steps import batches, loop
 from steps.augment import Policy, build_policy, check_aug
+from steps.averaging import WeightAverage
 from steps.data import CifarData
 from steps.errors import StepError
+from steps.hardware import Hardware, build_model
+from steps.optim import OPTIMIZERS, build_optimizer, freeze_bn_scales
+from steps.schedules import SCHEDULES
+from steps.whiten import train_whiten_bias, whiten_first_conv
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class TrainConfig:
     low_res: int = 0  # side (pixels) the training images are downscaled to in the first epochs; 0 = never
     low_res_pct: float = 0.0  # fraction of the epochs (rounded down, so never the last) trained at low_res
     whiten_bias_epochs: int = 0  # epochs the whitening conv's bias trains before it is frozen too; 0 = all
-    freeze_bn_scale: bool = False  # BatchNorm scales fixed at 1 (engine.freeze_bn_scales); their biases train
+    freeze_bn_scale: bool = False  # BatchNorm scales fixed at 1 (optim.freeze_bn_scales); their biases train
     bn_bias_lr: float = 1.0  # the BatchNorm biases' LR as a multiple of the schedule's (sgd only), same decay per step
     test_every: int = 1  # train's test pass runs after every test_every-th epoch and after the last (1 = each epoch)
 
@@ -126,11 +129,11 @@ RECIPES: dict[str, dict[str, object]] = {
     # epochs on 20,000 images tested 75.3% without it and 72.9% with it (one seed each, 2026-11-22:
     # `... --recipe cpu --optimizer sgd --epochs 3 --low-res 0 --max-lr 0.2 --train-limit 20000
     # --seeds 1 --aug flip_translate|tensor`, benchmarks/results/train-3ep-20k-*). Whitening and an
-    # EMA (its decay warms up, see engine.ema_decay_at) as in `fast`, but the whitening bias trains
+    # EMA (its decay warms up, see averaging.ema_decay_at) as in `fast`, but the whitening bias trains
     # throughout: frozen after epoch 3, as airbench94 freezes it, a step takes ~0.94x the time, and
     # seeds 0 and 1 tested 0.16 and 0.19 points lower (README); this budget has no use for the time.
     # No compile: its warm-up on a CPU takes minutes and gains little there. Muon on the conv
-    # filters (optimizer muon, engine.MuonSGD), SGD for the rest: seed 0 end to end tested 86.87%
+    # filters (optimizer muon, optim.MuonSGD), SGD for the rest: seed 0 end to end tested 86.87%
     # against SGD's 86.38% (88.09% against 87.68% with TTA; README), seeds 1 to 3 in the benchmark
     # 87.01% against 86.50% on average (88.14% against 87.39%), for ~10% more time per full-size
     # step (README), which the 15 minutes still hold. On a CPU with native bf16 a step is ~2.5x
@@ -151,21 +154,12 @@ def resolve_config(recipe: str, given: dict[str, object]) -> TrainConfig:
     return TrainConfig(**{**preset, **{k: v for k, v in given.items() if v is not None}})
 
 
-SCHEDULES: dict[str, Callable[[TrainConfig, float, int], Callable[[int], float]]] = {
-    "one_cycle": lambda cfg, max_lr, total: partial(
-        engine.one_cycle_lr, total_steps=total, max_lr=max_lr, pct_start=cfg.pct_start,
-        div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor),
-    "warmup_linear": lambda cfg, max_lr, total: partial(
-        engine.warmup_linear_lr, total_steps=total, max_lr=max_lr, warmup_steps=round(cfg.pct_start * total)),
-}
-
-
 def validate(cfg: TrainConfig) -> None:
     if cfg.model not in list_models():
         raise StepError(f"unknown model {cfg.model!r}; known models: {', '.join(list_models())}")
     check_aug(cfg.aug)
-    if cfg.optimizer not in engine.OPTIMIZERS:
-        raise StepError(f"unknown optimizer {cfg.optimizer!r}; known: {', '.join(engine.OPTIMIZERS)}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise StepError(f"unknown optimizer {cfg.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
     if cfg.schedule not in SCHEDULES:
         raise StepError(f"unknown schedule {cfg.schedule!r}; known: {', '.join(SCHEDULES)}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.max_lr < 0 or not 0 <= cfg.pct_start <= 1:
@@ -231,7 +225,7 @@ class Training:
     model: nn.Module  # what is averaged, tested and saved
     step_model: nn.Module  # the model, compiled when cfg.compile: what the training steps run
     optimizer: torch.optim.Optimizer  # its LR is the scheduler's, built once max_lr is known
-    ema: engine.WeightAverage | None
+    ema: WeightAverage | None
     generator: torch.Generator  # shuffling and augmentation
     policy: Policy
     loss_fn: nn.Module
@@ -242,16 +236,16 @@ class Training:
         return self.ema.module if self.ema is not None else self.model
 
 
-def start_training(cfg: TrainConfig, data: CifarData, hw: engine.Hardware) -> Training:
+def start_training(cfg: TrainConfig, data: CifarData, hw: Hardware) -> Training:
     """cfg's run before its first step: the model built (and whitened) on hw. Its scheduler is
     the caller's, since the peak LR may come from a range test on this model."""
-    model = engine.build_model(cfg.model, cfg.seed, hw)
-    if cfg.whiten and not engine.whiten_first_conv(model, data.train_x[:WHITEN_IMAGES], data.mean, data.std):
+    model = build_model(cfg.model, cfg.seed, hw)
+    if cfg.whiten and not whiten_first_conv(model, data.train_x[:WHITEN_IMAGES], data.mean, data.std):
         log.warning("whiten: %s has no whitening conv (a `whiten` Conv2d of 2 x C*h*w filters); left as it is",
                     cfg.model)
     if cfg.freeze_bn_scale:
-        engine.freeze_bn_scales(model)
-    optimizer = engine.build_optimizer(cfg.optimizer, model, 1.0, cfg.weight_decay, cfg.bn_bias_lr)
+        freeze_bn_scales(model)
+    optimizer = build_optimizer(cfg.optimizer, model, 1.0, cfg.weight_decay, cfg.bn_bias_lr)
     return Training(
         model=model,
         # Compiled for the training steps only; the plain module (same parameters) is what is
@@ -259,13 +253,13 @@ def start_training(cfg: TrainConfig, data: CifarData, hw: engine.Hardware) -> Tr
         step_model=torch.compile(model, mode=compile_mode(hw)) if cfg.compile else model,
         optimizer=optimizer,
         # The average starts as a copy of the initial (whitened) weights; a resume overwrites it.
-        ema=engine.WeightAverage(model, cfg.ema) if cfg.ema > 0 else None,
+        ema=WeightAverage(model, cfg.ema) if cfg.ema > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed),
         policy=build_policy(cfg.aug, data.mean),
         loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
 
 
-def compile_mode(hw: engine.Hardware) -> str | None:
+def compile_mode(hw: Hardware) -> str | None:
     """torch.compile's mode for the training steps: on CUDA, "reduce-overhead", which replays
     each step's forward and backward kernels as one CUDA graph. Without it the fast recipe's
     loop is bound by the host launching kernels (a profiled epoch on an H200 left the GPU idle
@@ -275,7 +269,7 @@ def compile_mode(hw: engine.Hardware) -> str | None:
 
 
 def training_set(data: CifarData, policy: Policy,
-                 hw: engine.Hardware) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
+                 hw: Hardware) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
     """The uint8 images and labels that batches are cut from: moved once to a GPU when nothing
     is done per image on the CPU, so each batch is cut there; else data's numpy arrays."""
     if hw.device.type == "cuda" and (policy is None or policy.on_device):
@@ -283,7 +277,7 @@ def training_set(data: CifarData, policy: Policy,
     return data.train_x, data.train_y
 
 
-def augment_workers(hw: engine.Hardware) -> int:
+def augment_workers(hw: Hardware) -> int:
     """Processes for a CPU-side (albumentations) policy: when a GPU trains, the cores but one,
     which drives the GPU, up to MAX_AUGMENT_WORKERS; when the CPU trains, none, since its cores
     are the training's. The batches are the same either way (augment.augment_batches)."""
@@ -293,19 +287,19 @@ def augment_workers(hw: engine.Hardware) -> int:
 
 
 def train_epoch(cfg: TrainConfig, training: Training, scheduler: torch.optim.lr_scheduler.LRScheduler, epoch: int,
-                train_set: tuple, data: CifarData, hw: engine.Hardware, progress=None,
+                train_set: tuple, data: CifarData, hw: Hardware, progress=None,
                 max_steps: int | None = None, workers: int | None = None) -> tuple[float, float]:
     """Epoch `epoch` (counted from 1) of cfg's training, or its first max_steps steps: the
     whitening bias frozen or not and the image size as the epoch wants them, a fresh shuffle.
     workers: processes for a per-image policy, None = augment_workers(hw); the batches are the
     same for any number. Returns (mean training loss, training accuracy)."""
-    engine.train_whiten_bias(training.model, whiten_bias_trains(cfg, epoch))  # set every epoch: a resume lands anywhere
-    batches = engine.iterate_batches(*train_set, cfg.batch_size, generator=training.generator, drop_last=True,
-                                     augment=training.policy,
-                                     workers=augment_workers(hw) if workers is None else workers)
+    train_whiten_bias(training.model, whiten_bias_trains(cfg, epoch))  # set every epoch: a resume lands anywhere
+    epoch_batches = batches.iterate_batches(*train_set, cfg.batch_size, generator=training.generator, drop_last=True,
+                                            augment=training.policy,
+                                            workers=augment_workers(hw) if workers is None else workers)
     if max_steps is not None:
-        batches = itertools.islice(batches, max_steps)
-    return engine.train_one_epoch(training.step_model, training.optimizer, scheduler, batches, mean=data.mean,
-                                  std=data.std, loss_fn=training.loss_fn, hw=hw, augment=training.policy,
-                                  generator=training.generator, ema=training.ema, size=epoch_size(cfg, epoch),
-                                  progress=progress)
+        epoch_batches = itertools.islice(epoch_batches, max_steps)
+    return loop.train_one_epoch(training.step_model, training.optimizer, scheduler, epoch_batches, mean=data.mean,
+                                std=data.std, loss_fn=training.loss_fn, hw=hw, augment=training.policy,
+                                generator=training.generator, ema=training.ema, size=epoch_size(cfg, epoch),
+                                progress=progress)

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from cifar_models.inference import ModelSpec, save_network
 from cifar_models.summary import summary
-from steps import engine
+from steps import batches, checkpoints, hardware, loop, lr_range, schedules
 from steps.artifacts import SUGGESTED_LR_METRIC, SUMMARY, WEIGHTS_DIR
 from steps.augment import POLICIES
 from steps.data import CifarData, load_data
@@ -57,7 +57,7 @@ from steps.errors import StepError
 from steps import find_lr as find_lr_step
 from steps.find_lr import log_range_test, range_test
 from steps.options import WHOLE, OrNotGiven, log_params
-from steps.recipes import (EVAL_BATCH, RECIPES, SCHEDULES, TrainConfig, Training, resolve_config, start_training,
+from steps.recipes import (EVAL_BATCH, RECIPES, TrainConfig, Training, resolve_config, start_training,
                            tests_after, train_epoch, training_set, validate)
 from steps.runtime import retry, step_command
 
@@ -96,7 +96,7 @@ def checkpoint_key(cfg: TrainConfig, data_digest: str) -> str:
 
 def read_checkpoint(path: Path, key: str) -> dict:
     try:
-        state = engine.load_checkpoint(path)
+        state = checkpoints.load_checkpoint(path)
     except Exception as exc:  # unpickling errors come in many types
         raise StepError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); delete it to start over") from None
     if state.get("format") != CHECKPOINT_FORMAT or state.get("key") != key:
@@ -175,7 +175,7 @@ def close_dead_run(run_id: str) -> None:
 # --- the peak learning rate -------------------------------------------------------------------------
 
 def resolve_max_lr(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, data: CifarData,
-                   hw: engine.Hardware) -> tuple[float, str, dict | None]:
+                   hw: hardware.Hardware) -> tuple[float, str, dict | None]:
     """(max_lr, where it came from, the range test as plain lists when run here)."""
     if cfg.max_lr > 0:
         return cfg.max_lr, "config", None
@@ -201,7 +201,7 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
     last epoch's metrics. `recipe` is only recorded: cfg is already resolved (resolve_config)."""
     validate(cfg)
     interval = checkpoint_interval()
-    hw = engine.hardware(device, precision)
+    hw = hardware.hardware(device, precision)
     data = load_data(data_uri)
     key = checkpoint_key(cfg, data.digest)
     folder = checkpoint_root() / key
@@ -217,7 +217,7 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
     return metrics
 
 
-def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: Path, key: str,
+def _train_locked(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, path: Path, key: str,
                   run_id: str, interval: float) -> dict[str, float]:
     training = start_training(cfg, data, hw)
     state = read_checkpoint(path, key) if path.is_file() else None
@@ -231,17 +231,17 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
         max_lr, lr_source, lr_test = state["max_lr"], state["lr_source"], state.get("range_test")
         history, start_epoch, seconds = state["history"], state["epoch"], state["seconds"]
     if lr_test is not None:
-        log_range_test(engine.RangeTest(**lr_test), f"{cfg.model}, {cfg.optimizer}")
+        log_range_test(lr_range.RangeTest(**lr_test), f"{cfg.model}, {cfg.optimizer}")
     log_params({"max_lr_used": max_lr, "max_lr_source": lr_source})
 
-    steps_per_epoch = engine.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
-    lr_at = SCHEDULES[cfg.schedule](cfg, max_lr, cfg.epochs * steps_per_epoch)
-    scheduler = engine.lambda_scheduler(training.optimizer, lr_at)
+    steps_per_epoch = batches.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
+    lr_at = schedules.SCHEDULES[cfg.schedule](cfg, max_lr, cfg.epochs * steps_per_epoch)
+    scheduler = schedules.lambda_scheduler(training.optimizer, lr_at)
     if state is not None:
         training.model.load_state_dict(state["model"])
         training.optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        engine.set_rng_state(training.generator, state["rng"])
+        checkpoints.set_rng_state(training.generator, state["rng"])
         if training.ema is not None:
             training.ema.load_state_dict(state["ema"])
         relog_history(run_id, history)
@@ -264,14 +264,14 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
         # lr: the LR of the epoch's last optimizer step.
         values = {"train_loss": train_loss, "train_accuracy": train_acc, "lr": lr_at(epoch * steps_per_epoch - 1)}
         if tests_after(cfg, epoch):
-            values["test_loss"], values["test_accuracy"], _ = engine.evaluate(
+            values["test_loss"], values["test_accuracy"], _ = loop.evaluate(
                 training.result, data.test_x, data.test_y, data.mean, data.std, batch_size=EVAL_BATCH)
         epoch_seconds = time.monotonic() - started
         seconds += epoch_seconds
         timed.append(epoch_seconds)
         history[epoch] = values
         if time.monotonic() - saved_at >= interval:
-            engine.save_checkpoint(path, {
+            checkpoints.save_checkpoint(path, {
                 "format": CHECKPOINT_FORMAT, "key": key, "config": asdict(cfg), "run_id": run_id, "epoch": epoch,
                 "max_lr": max_lr, "lr_source": lr_source, "range_test": lr_test, "history": history,
                 "seconds": seconds, **training_state(training, scheduler)})
@@ -297,7 +297,7 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: engine.Hardware, path: 
 def training_state(training: Training, scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
     """What a checkpoint holds of the training itself: every state a resume loads back."""
     return {"model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": engine.rng_state(training.generator),
+            "scheduler": scheduler.state_dict(), "rng": checkpoints.rng_state(training.generator),
             "ema": training.ema.state_dict() if training.ema is not None else None}
 
 
@@ -328,7 +328,7 @@ def _default(name: str) -> str:
 @click.option("--weight-decay", type=OrNotGiven(click.FLOAT), help=_default("weight_decay"))
 @click.option("--label-smoothing", type=OrNotGiven(click.FLOAT), help=_default("label_smoothing"))
 @click.option("--aug", type=OrNotGiven(click.STRING), help=f"Augmentation policy: {', '.join(POLICIES)}; {_default('aug')}.")
-@click.option("--schedule", type=OrNotGiven(click.STRING), help=f"{', '.join(SCHEDULES)}; {_default('schedule')}.")
+@click.option("--schedule", type=OrNotGiven(click.STRING), help=f"{', '.join(schedules.SCHEDULES)}; {_default('schedule')}.")
 @click.option("--pct-start", type=OrNotGiven(click.FLOAT), help=_default("pct_start"))
 @click.option("--div-factor", type=OrNotGiven(click.FLOAT), help=_default("div_factor"))
 @click.option("--final-div-factor", type=OrNotGiven(click.FLOAT), help=_default("final_div_factor"))

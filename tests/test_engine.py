@@ -11,11 +11,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from steps import engine
+from steps import checkpoints, hardware, loop, lr_range, optim, schedules
 from steps.augment import POLICIES, TensorPolicy, build_policy, pixel_mean
+from steps.batches import iterate_batches, num_batches
 from steps.data import channel_stats, synthetic
 
-CPU = engine.hardware("cpu")
+CPU = hardware.hardware("cpu")
 
 
 def tiny_net() -> nn.Module:
@@ -34,7 +35,7 @@ def toy():
 # --- schedules -------------------------------------------------------------------------------------------
 
 def test_one_cycle_exact_at_known_steps():
-    lr = lambda step: engine.one_cycle_lr(step, 100, max_lr=1.0, pct_start=0.25, div_factor=10, final_div_factor=100)
+    lr = lambda step: schedules.one_cycle_lr(step, 100, max_lr=1.0, pct_start=0.25, div_factor=10, final_div_factor=100)
     assert lr(0) == pytest.approx(0.1)
     assert lr(12.5) == pytest.approx(0.55)  # half way up: (0.1 + 1) / 2
     assert lr(25) == pytest.approx(1.0)
@@ -46,7 +47,7 @@ def test_one_cycle_exact_at_known_steps():
 def test_one_cycle_reference_recipe_peaks_at_epoch_5_of_24():
     steps_per_epoch = 98  # 50,000 images at batch 512, last partial batch dropped
     total = 24 * steps_per_epoch
-    lr = lambda step: engine.one_cycle_lr(step, total, 0.4, 5 / 24, 25, 1e4)
+    lr = lambda step: schedules.one_cycle_lr(step, total, 0.4, 5 / 24, 25, 1e4)
     assert lr(5 * steps_per_epoch) == pytest.approx(0.4)
     assert lr(5 * steps_per_epoch - 1) < 0.4 and lr(5 * steps_per_epoch + 1) < 0.4
     assert lr(0) == pytest.approx(0.4 / 25)
@@ -54,17 +55,17 @@ def test_one_cycle_reference_recipe_peaks_at_epoch_5_of_24():
 
 
 def test_warmup_linear_exact_at_known_steps():
-    lr = lambda step: engine.warmup_linear_lr(step, 200, max_lr=2.0, warmup_steps=50)
+    lr = lambda step: schedules.warmup_linear_lr(step, 200, max_lr=2.0, warmup_steps=50)
     assert [lr(s) for s in (0, 25, 50, 125, 200)] == pytest.approx([0.0, 1.0, 2.0, 1.0, 0.0])
-    lr = lambda step: engine.warmup_linear_lr(step, 200, 2.0, 50, start_factor=0.5, end_factor=0.1)
+    lr = lambda step: schedules.warmup_linear_lr(step, 200, 2.0, 50, start_factor=0.5, end_factor=0.1)
     assert [lr(s) for s in (0, 50, 200)] == pytest.approx([1.0, 2.0, 0.2])
 
 
 def test_scheduler_follows_the_pure_function_and_resumes_from_its_state(tmp_path):
-    lr_at = lambda step: engine.one_cycle_lr(step, 20, 0.5, 0.3, 10, 50)
+    lr_at = lambda step: schedules.one_cycle_lr(step, 20, 0.5, 0.3, 10, 50)
     model = tiny_net()
-    optimizer = engine.build_optimizer("sgd", model, 1.0, 0.0)
-    scheduler = engine.lambda_scheduler(optimizer, lr_at)
+    optimizer = optim.build_optimizer("sgd", model, 1.0, 0.0)
+    scheduler = schedules.lambda_scheduler(optimizer, lr_at)
     seen = []
     for _ in range(8):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -72,10 +73,10 @@ def test_scheduler_follows_the_pure_function_and_resumes_from_its_state(tmp_path
         scheduler.step()
     assert seen == pytest.approx([lr_at(s) for s in range(8)])
 
-    engine.save_checkpoint(tmp_path / "c.pt", {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
-    state = engine.load_checkpoint(tmp_path / "c.pt")
-    optimizer2 = engine.build_optimizer("sgd", model, 1.0, 0.0)
-    scheduler2 = engine.lambda_scheduler(optimizer2, lr_at)
+    checkpoints.save_checkpoint(tmp_path / "c.pt", {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+    state = checkpoints.load_checkpoint(tmp_path / "c.pt")
+    optimizer2 = optim.build_optimizer("sgd", model, 1.0, 0.0)
+    scheduler2 = schedules.lambda_scheduler(optimizer2, lr_at)
     optimizer2.load_state_dict(state["optimizer"])
     scheduler2.load_state_dict(state["scheduler"])
     assert optimizer2.param_groups[0]["lr"] == pytest.approx(lr_at(8))
@@ -88,26 +89,26 @@ def test_scheduler_follows_the_pure_function_and_resumes_from_its_state(tmp_path
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_on_cpu_is_bf16_exactly_where_bf16_is_native_and_always_channels_last(native, monkeypatch):
-    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
-    hw = engine.hardware("cpu", "auto")
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
+    hw = hardware.hardware("cpu", "auto")
     assert (hw.autocast, hw.channels_last) == ((torch.bfloat16, True) if native else (None, True))
-    assert engine.hardware("cpu", "fp32") == engine.Hardware(torch.device("cpu"), None, True)
-    assert engine.hardware("cpu", "bf16") == engine.Hardware(torch.device("cpu"), torch.bfloat16, True)
+    assert hardware.hardware("cpu", "fp32") == hardware.Hardware(torch.device("cpu"), None, True)
+    assert hardware.hardware("cpu", "bf16") == hardware.Hardware(torch.device("cpu"), torch.bfloat16, True)
 
 
 def test_native_bf16_probe_agrees_with_onednn():
-    assert engine.cpu_has_native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert hardware.cpu_has_native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def test_a_bf16_channels_last_step_keeps_float_batchnorm_and_loss(toy):
     train_x, train_y, _, _, mean, std = toy
-    hw = engine.hardware("cpu", "bf16")
-    model = engine.prepare_model(tiny_net(), hw)
-    optimizer = engine.build_optimizer("sgd", model, 0.05, 0.0)
-    images, labels = next(engine.iterate_batches(train_x, train_y, 64))
-    x = engine._model_input(images, mean, std, hw, None, None)
+    hw = hardware.hardware("cpu", "bf16")
+    model = hardware.prepare_model(tiny_net(), hw)
+    optimizer = optim.build_optimizer("sgd", model, 0.05, 0.0)
+    images, labels = next(iterate_batches(train_x, train_y, 64))
+    x = loop.model_input(images, mean, std, hw, None, None)
     assert x.is_contiguous(memory_format=torch.channels_last)
-    loss, _ = engine.train_step(model, optimizer, nn.CrossEntropyLoss(), x, labels, hw)
+    loss, _ = loop.train_step(model, optimizer, nn.CrossEntropyLoss(), x, labels, hw)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert model[1].running_mean.dtype == torch.float32
@@ -119,7 +120,7 @@ def test_a_bf16_channels_last_step_keeps_float_batchnorm_and_loss(toy):
 def test_orthogonalize_keeps_the_singular_vectors_and_brings_the_values_near_one(shape):
     g = 1e3 * torch.randn(shape, generator=torch.Generator().manual_seed(0))
     u, s, vh = torch.linalg.svd(g, full_matrices=False)
-    out = engine.orthogonalize(g)
+    out = optim.orthogonalize(g)
     assert out.shape == shape
     values = torch.linalg.svdvals(out)
     assert 0.6 < values.min() and values.max() < 1.25
@@ -132,7 +133,7 @@ def test_orthogonalize_lifts_small_singular_values_without_reaching_one():
     u, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(1)))
     v, _ = torch.linalg.qr(torch.randn(200, 64, generator=torch.Generator().manual_seed(2)))
     values = torch.logspace(0, -3, 64)
-    out = torch.linalg.svdvals(engine.orthogonalize(u @ torch.diag(values) @ v.T))
+    out = torch.linalg.svdvals(optim.orthogonalize(u @ torch.diag(values) @ v.T))
     assert out.max() < 1.25 and 10 * values.min() < out.min() < 0.1  # 3 steps stop short of 1
 
 
@@ -142,7 +143,7 @@ def test_muon_sgd_steps_the_other_weights_as_nesterov_sgd_and_skips_frozen_filte
     for net in nets:
         net[0].weight.requires_grad_(False)  # as train freezes a whitened first conv
     frozen = nets[0][0].weight.clone()
-    muon = engine.build_optimizer("muon", nets[0], 0.1, 5e-4)
+    muon = optim.build_optimizer("muon", nets[0], 0.1, 5e-4)
     sgd = torch.optim.SGD(nets[1].parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     for _ in range(3):
         for net, optimizer in zip(nets, (muon, sgd)):
@@ -157,7 +158,7 @@ def test_muon_sgd_steps_the_other_weights_as_nesterov_sgd_and_skips_frozen_filte
 def test_muon_sgd_rescales_a_filter_bank_then_takes_an_orthogonal_step_of_a_sixth_of_the_lr():
     net = tiny_net()
     conv = net[0].weight  # (16, 3, 3, 3), followed by BatchNorm
-    optimizer = engine.build_optimizer("muon", net, 0.3, 5e-4)
+    optimizer = optim.build_optimizer("muon", net, 0.3, 5e-4)
     nn.functional.cross_entropy(net(torch.randn(8, 3, 8, 8)), torch.arange(8)).backward()
     before = conv.detach().clone()
     optimizer.step()
@@ -179,13 +180,13 @@ def test_muon_sgd_resumes_from_its_state_dict():
             optimizer.step()
 
     straight = tiny_net()
-    train(straight, engine.build_optimizer("muon", straight, 0.1, 5e-4), 4)
+    train(straight, optim.build_optimizer("muon", straight, 0.1, 5e-4), 4)
     first = tiny_net()
-    optimizer = engine.build_optimizer("muon", first, 0.1, 5e-4)
+    optimizer = optim.build_optimizer("muon", first, 0.1, 5e-4)
     train(first, optimizer, 2)
     second = tiny_net()
     second.load_state_dict(first.state_dict())
-    resumed = engine.build_optimizer("muon", second, 0.1, 5e-4)
+    resumed = optim.build_optimizer("muon", second, 0.1, 5e-4)
     resumed.load_state_dict(optimizer.state_dict())
     train(second, resumed, 2)
     for a, b in zip(straight.parameters(), second.parameters()):
@@ -196,7 +197,7 @@ def test_muon_sgd_resumes_from_its_state_dict():
 
 def test_batches_cover_the_set_once_stay_uint8_and_replay_from_the_seed():
     x, y, *_ = synthetic(n_train=70, n_test=0)
-    batches = list(engine.iterate_batches(x, y, 32, generator=torch.Generator().manual_seed(1)))
+    batches = list(iterate_batches(x, y, 32, generator=torch.Generator().manual_seed(1)))
     assert [len(b[1]) for b in batches] == [32, 32, 6]
     images, labels = batches[0]
     assert images.dtype == torch.uint8 and images.shape == (32, 3, 32, 32) and labels.dtype == torch.int64
@@ -205,15 +206,15 @@ def test_batches_cover_the_set_once_stay_uint8_and_replay_from_the_seed():
     order = [int(np.flatnonzero((x == img).all(axis=(1, 2, 3)))[0]) for img in flat]
     assert sorted(order) == list(range(70))
     assert torch.cat([b[1] for b in batches]).tolist() == y[order].tolist()
-    again = list(engine.iterate_batches(x, y, 32, generator=torch.Generator().manual_seed(1)))
+    again = list(iterate_batches(x, y, 32, generator=torch.Generator().manual_seed(1)))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
     # The set may also live on the device as a uint8 tensor; the batches are the same.
-    on_device = list(engine.iterate_batches(torch.from_numpy(x), torch.from_numpy(y), 32,
+    on_device = list(iterate_batches(torch.from_numpy(x), torch.from_numpy(y), 32,
                                             generator=torch.Generator().manual_seed(1)))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, on_device))
 
-    assert [len(b[1]) for b in engine.iterate_batches(x, y, 32, generator=torch.Generator(), drop_last=True)] == [32, 32]
-    assert [len(b[1]) for b in engine.iterate_batches(x[:10], y[:10], 32, drop_last=True)] == [10]
+    assert [len(b[1]) for b in iterate_batches(x, y, 32, generator=torch.Generator(), drop_last=True)] == [32, 32]
+    assert [len(b[1]) for b in iterate_batches(x[:10], y[:10], 32, drop_last=True)] == [10]
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
@@ -222,14 +223,14 @@ def test_policies_keep_uint8_and_shape(name):
     mean = (0.5, 0.4, 0.3)
     policy = build_policy(name, mean)
     generator = torch.Generator().manual_seed(0)
-    batches = list(engine.iterate_batches(x, y, 8, generator=generator, augment=policy))
+    batches = list(iterate_batches(x, y, 8, generator=generator, augment=policy))
     for images, _ in batches:
         if policy is not None and policy.on_device:
             images = policy(images, generator)
         assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32)
     if policy is not None:  # an augmentation changes some images; the same seed replays it
         first = torch.cat([b[0] for b in batches])
-        again = list(engine.iterate_batches(x, y, 8, generator=torch.Generator().manual_seed(0), augment=policy))
+        again = list(iterate_batches(x, y, 8, generator=torch.Generator().manual_seed(0), augment=policy))
         assert torch.equal(first, torch.cat([b[0] for b in again]))
 
 
@@ -244,7 +245,7 @@ def test_cpu_policies_give_the_same_batches_in_worker_processes_and_end_their_po
     policy = build_policy(name, (0.5, 0.4, 0.3))
 
     def epoch(workers: int) -> list:
-        return list(engine.iterate_batches(x, y, 16, generator=torch.Generator().manual_seed(3), augment=policy,
+        return list(iterate_batches(x, y, 16, generator=torch.Generator().manual_seed(3), augment=policy,
                                            workers=workers))
 
     here = epoch(0)
@@ -253,7 +254,7 @@ def test_cpu_policies_give_the_same_batches_in_worker_processes_and_end_their_po
         assert len(pooled) == len(here) == 13
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(here, pooled))
     # ... and they were augmented: the same order of images, not the same pixels.
-    plain = list(engine.iterate_batches(x, y, 16, generator=torch.Generator().manual_seed(3)))
+    plain = list(iterate_batches(x, y, 16, generator=torch.Generator().manual_seed(3)))
     assert all(torch.equal(a[1], p[1]) for a, p in zip(here, plain))
     assert not all(torch.equal(a[0], p[0]) for a, p in zip(here, plain))
     assert multiprocessing.active_children() == []
@@ -261,13 +262,13 @@ def test_cpu_policies_give_the_same_batches_in_worker_processes_and_end_their_po
 
 ABANDON_POOLS = """
 import multiprocessing, torch
-from steps import engine
 from steps.augment import build_policy
+from steps.batches import iterate_batches
 from steps.data import synthetic
 x, y, *_ = synthetic(n_train=200, n_test=0)
 policy = build_policy("reference", (0.5, 0.4, 0.3))
 for _ in range(100):
-    batches = engine.iterate_batches(x, y, 16, generator=torch.Generator(), augment=policy, workers=2)
+    batches = iterate_batches(x, y, 16, generator=torch.Generator(), augment=policy, workers=2)
     next(batches)
     assert len(multiprocessing.active_children()) == 2
     batches.close()
@@ -278,13 +279,13 @@ print("ended", flush=True)
 
 KILL_A_WORKER = """
 import multiprocessing, os, signal, torch
-from steps import engine
 from steps.augment import build_policy
+from steps.batches import iterate_batches
 from steps.data import synthetic
 from steps.errors import StepError
 x, y, *_ = synthetic(n_train=2000, n_test=0)
 policy = build_policy("reference", (0.5, 0.4, 0.3))
-batches = engine.iterate_batches(x, y, 16, generator=torch.Generator(), augment=policy, workers=2)
+batches = iterate_batches(x, y, 16, generator=torch.Generator(), augment=policy, workers=2)
 next(batches)
 os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
 try:
@@ -326,11 +327,11 @@ def test_a_loop_that_stops_early_ends_the_augmentation_pool():
 def test_augment_workers_use_the_cores_but_one_when_a_gpu_trains(monkeypatch):
     from steps.recipes import MAX_AUGMENT_WORKERS, augment_workers
 
-    cuda = engine.Hardware(torch.device("cuda"), torch.bfloat16, True)
+    cuda = hardware.Hardware(torch.device("cuda"), torch.bfloat16, True)
     for cores, expected in ((1, 0), (3, 2), (64, MAX_AUGMENT_WORKERS)):
         monkeypatch.setattr("os.sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
         assert augment_workers(cuda) == expected
-        assert augment_workers(engine.Hardware(torch.device("cpu"), None, True)) == 0
+        assert augment_workers(hardware.Hardware(torch.device("cpu"), None, True)) == 0
 
 
 def test_unknown_policy_lists_the_known():
@@ -376,16 +377,16 @@ def test_tensor_policy_flips_shifts_and_cuts_out_on_cpu():
 
 def run_epochs(model, toy, epochs: int, max_lr: float, batch_size: int = 64, optimizer: str = "sgd"):
     train_x, train_y, test_x, test_y, mean, std = toy
-    optimizer = engine.build_optimizer(optimizer, model, 1.0, 5e-4)
-    steps = engine.num_batches(len(train_y), batch_size, drop_last=True)
-    scheduler = engine.lambda_scheduler(optimizer, lambda s: engine.one_cycle_lr(s, epochs * steps, max_lr, 0.25, 10, 100))
+    optimizer = optim.build_optimizer(optimizer, model, 1.0, 5e-4)
+    steps = num_batches(len(train_y), batch_size, drop_last=True)
+    scheduler = schedules.lambda_scheduler(optimizer, lambda s: schedules.one_cycle_lr(s, epochs * steps, max_lr, 0.25, 10, 100))
     generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(epochs):
-        batches = engine.iterate_batches(train_x, train_y, batch_size, generator=generator, drop_last=True)
-        losses.append(engine.train_one_epoch(model, optimizer, scheduler, batches, mean=mean, std=std,
+        batches = iterate_batches(train_x, train_y, batch_size, generator=generator, drop_last=True)
+        losses.append(loop.train_one_epoch(model, optimizer, scheduler, batches, mean=mean, std=std,
                                              loss_fn=nn.CrossEntropyLoss(), hw=CPU, check_every=3))
-    return losses, engine.evaluate(model, test_x, test_y, mean, std, batch_size=100)
+    return losses, loop.evaluate(model, test_x, test_y, mean, std, batch_size=100)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "muon"])
@@ -412,10 +413,10 @@ class NaNAfter(nn.Module):
 
 
 def test_non_finite_loss_raises_a_clear_error(toy):
-    with pytest.raises(engine.NonFiniteLoss, match=r"training loss became nan by batch 3 .*lower max_lr"):
+    with pytest.raises(loop.NonFiniteLoss, match=r"training loss became nan by batch 3 .*lower max_lr"):
         run_epochs(NaNAfter(2), toy, epochs=1, max_lr=0.1)
     # The check also runs at the end of an epoch, whatever check_every is.
-    with pytest.raises(engine.NonFiniteLoss, match="by batch 8"):
+    with pytest.raises(loop.NonFiniteLoss, match="by batch 8"):
         run_epochs(NaNAfter(8), toy, epochs=1, max_lr=0.1)
 
 
@@ -428,7 +429,7 @@ def test_huge_lr_fails_the_train_run_and_logs_no_weights(synthetic_data_dir, tra
     # 20 steps at batch 10, so the loss overflows within the first epoch: at batch 50 (4 steps)
     # it did on an AVX512-BF16 CPU but stayed finite on an AVX2 one
     cfg = TrainConfig(epochs=1, batch_size=10, max_lr=1e6, aug="none")
-    with pytest.raises(engine.NonFiniteLoss):
+    with pytest.raises(loop.NonFiniteLoss):
         with mlflow.start_run() as run:
             train(cfg, str(synthetic_data_dir), device="cpu")
     client = MlflowClient()
@@ -442,14 +443,14 @@ def test_huge_lr_fails_the_train_run_and_logs_no_weights(synthetic_data_dir, tra
 def test_range_test_finds_a_sensible_lr_and_restores_everything(toy):
     train_x, train_y, _, _, mean, std = toy
     model = tiny_net()
-    optimizer = engine.build_optimizer("sgd", model, 0.01, 5e-4)
+    optimizer = optim.build_optimizer("sgd", model, 0.01, 5e-4)
     run_epochs(model, toy, epochs=1, max_lr=0.05)  # trained BatchNorm statistics to restore
     weights_before = {k: v.clone() for k, v in model.state_dict().items()}
     groups_before = [dict(g) for g in optimizer.state_dict()["param_groups"]]
     generator = torch.Generator().manual_seed(0)
 
-    result = engine.lr_range_test(
-        model, optimizer, lambda: engine.iterate_batches(train_x, train_y, 32, generator=generator, drop_last=True),
+    result = lr_range.lr_range_test(
+        model, optimizer, lambda: iterate_batches(train_x, train_y, 32, generator=generator, drop_last=True),
         mean=mean, std=std, loss_fn=nn.CrossEntropyLoss(), hw=CPU, start_lr=1e-5, end_lr=100, num_iter=60)
 
     assert 1e-4 <= result.suggestion <= 1
@@ -466,7 +467,7 @@ def test_range_test_finds_a_sensible_lr_and_restores_everything(toy):
 def test_range_test_keeps_the_bn_biases_lr_multiple(toy):
     train_x, train_y, _, _, mean, std = toy
     model = tiny_net()
-    optimizer = engine.build_optimizer("sgd", model, 0.01, 5e-4, bn_bias_lr=64.0)
+    optimizer = optim.build_optimizer("sgd", model, 0.01, 5e-4, bn_bias_lr=64.0)
     seen = []
     step = optimizer.step
 
@@ -475,7 +476,7 @@ def test_range_test_keeps_the_bn_biases_lr_multiple(toy):
         return step(*args, **kwargs)
 
     optimizer.step = record_lrs
-    engine.lr_range_test(model, optimizer, lambda: engine.iterate_batches(train_x, train_y, 32, drop_last=True),
+    lr_range.lr_range_test(model, optimizer, lambda: iterate_batches(train_x, train_y, 32, drop_last=True),
                          mean=mean, std=std, loss_fn=nn.CrossEntropyLoss(), hw=CPU, start_lr=1e-5, end_lr=1e-3,
                          num_iter=5)
     assert len(seen) == 5 and all(biases == pytest.approx(64 * rest) for rest, biases in seen)
@@ -484,11 +485,11 @@ def test_range_test_keeps_the_bn_biases_lr_multiple(toy):
 def test_range_test_restores_momentum_buffers(toy):
     train_x, train_y, _, _, mean, std = toy
     model = tiny_net()
-    optimizer = engine.build_optimizer("sgd", model, 0.01, 0.0)
-    x = engine._model_input(next(engine.iterate_batches(train_x, train_y, 16))[0], mean, std, CPU, None, None)
-    engine.train_step(model, optimizer, nn.CrossEntropyLoss(), x, torch.as_tensor(train_y[:16]), CPU)
+    optimizer = optim.build_optimizer("sgd", model, 0.01, 0.0)
+    x = loop.model_input(next(iterate_batches(train_x, train_y, 16))[0], mean, std, CPU, None, None)
+    loop.train_step(model, optimizer, nn.CrossEntropyLoss(), x, torch.as_tensor(train_y[:16]), CPU)
     buffers = {k: v["momentum_buffer"].clone() for k, v in optimizer.state_dict()["state"].items()}
-    engine.lr_range_test(model, optimizer, lambda: engine.iterate_batches(train_x, train_y, 32),
+    lr_range.lr_range_test(model, optimizer, lambda: iterate_batches(train_x, train_y, 32),
                          mean=mean, std=std, loss_fn=nn.CrossEntropyLoss(), hw=CPU, num_iter=10)
     after = optimizer.state_dict()["state"]
     assert all(torch.equal(after[k]["momentum_buffer"], v) for k, v in buffers.items())
@@ -497,27 +498,27 @@ def test_range_test_restores_momentum_buffers(toy):
 def test_steepest_descent_picks_the_fastest_fall():
     lrs = list(np.logspace(-5, 0, 40))
     losses = [2.3 - 2 / (1 + math.exp(-(math.log10(lr) + 2) * 3)) for lr in lrs]  # falls fastest at 1e-2
-    assert engine.steepest_descent(lrs, losses) == pytest.approx(1e-2, rel=0.35)
+    assert lr_range.steepest_descent(lrs, losses) == pytest.approx(1e-2, rel=0.35)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
 
 def test_checkpoint_round_trip_holds_rng_and_plain_values(tmp_path):
     generator = torch.Generator().manual_seed(5)
-    state = {"epoch": 3, "history": {"lr": [0.1, 0.2]}, "rng": engine.rng_state(generator),
+    state = {"epoch": 3, "history": {"lr": [0.1, 0.2]}, "rng": checkpoints.rng_state(generator),
              "model": tiny_net().state_dict(), "note": None}
-    engine.save_checkpoint(tmp_path / "ck" / "last.pt", state)
-    loaded = engine.load_checkpoint(tmp_path / "ck" / "last.pt")
+    checkpoints.save_checkpoint(tmp_path / "ck" / "last.pt", state)
+    loaded = checkpoints.load_checkpoint(tmp_path / "ck" / "last.pt")
     assert loaded["epoch"] == 3 and loaded["history"] == {"lr": [0.1, 0.2]} and loaded["note"] is None
     expected = torch.rand(3, generator=generator)
     fresh = torch.Generator()
-    engine.set_rng_state(fresh, loaded["rng"])
+    checkpoints.set_rng_state(fresh, loaded["rng"])
     assert torch.equal(torch.rand(3, generator=fresh), expected)
 
 
 def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    engine.save_checkpoint(path, {"epoch": 1, "weights": torch.ones(1000)})
+    checkpoints.save_checkpoint(path, {"epoch": 1, "weights": torch.ones(1000)})
     real_save = torch.save
 
     def torn_save(obj, f, *args, **kwargs):
@@ -526,8 +527,8 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(OSError, match="disk full"):
-        engine.save_checkpoint(path, {"epoch": 2, "weights": torch.zeros(1000)})
+        checkpoints.save_checkpoint(path, {"epoch": 2, "weights": torch.zeros(1000)})
     monkeypatch.setattr(torch, "save", real_save)
-    loaded = engine.load_checkpoint(path)
+    loaded = checkpoints.load_checkpoint(path)
     assert loaded["epoch"] == 1 and torch.equal(loaded["weights"], torch.ones(1000))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind

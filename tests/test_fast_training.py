@@ -48,13 +48,13 @@ def test_tta_shapes_batches_and_unknown_mode():
 # --- whitening init ----------------------------------------------------------------------------------
 
 def test_whitening_decorrelates_patches_and_leaves_a_plain_loadable_conv():
-    from steps import engine
+    from steps import whiten
     from cifar_models.preprocess import normalize, to_nchw
 
     images = synthetic(n_train=300, n_test=0)[0]
     mean, std = channel_stats(images)
     model = create_model("fast_net")
-    assert engine.whiten_first_conv(model, images, mean, std, eps=1e-9)
+    assert whiten.whiten_first_conv(model, images, mean, std, eps=1e-9)
     conv = model.whiten
     assert conv.weight.shape == (24, 3, 2, 2) and not conv.weight.requires_grad and conv.bias.requires_grad
     assert torch.equal(conv.weight[:12], -conv.weight[12:])
@@ -69,36 +69,36 @@ def test_whitening_decorrelates_patches_and_leaves_a_plain_loadable_conv():
 
 
 def test_whitening_skips_a_model_without_a_whitening_conv():
-    from steps import engine
+    from steps import whiten
 
     images = synthetic(n_train=20, n_test=0)[0]
     model = nn.Sequential(nn.Conv2d(3, 8, 3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert not engine.whiten_first_conv(model, images, MEAN, STD)
+    assert not whiten.whiten_first_conv(model, images, MEAN, STD)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_a_frozen_whitening_bias_stays_put_while_the_rest_trains():
     from cifar_models.preprocess import normalize, to_nchw
-    from steps import engine
+    from steps import hardware, loop, optim, whiten
 
     x, y, *_ = synthetic(n_train=32, n_test=0)
-    hw = engine.hardware("cpu", "fp32")
+    hw = hardware.hardware("cpu", "fp32")
     model = create_model("fast_net_small")
-    assert engine.whiten_first_conv(model, x, MEAN, STD)
-    optimizer = engine.build_optimizer("sgd", model, 0.1, 5e-4)
+    assert whiten.whiten_first_conv(model, x, MEAN, STD)
+    optimizer = optim.build_optimizer("sgd", model, 0.1, 5e-4)
     images = normalize(to_nchw(x), MEAN, STD)
     labels = torch.as_tensor(y, dtype=torch.int64)
 
     def step():
         before = {name: p.detach().clone() for name, p in model.named_parameters()}
-        engine.train_step(model, optimizer, nn.CrossEntropyLoss(), images, labels, hw)
+        loop.train_step(model, optimizer, nn.CrossEntropyLoss(), images, labels, hw)
         return {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
 
-    engine.train_whiten_bias(model, False)
+    whiten.train_whiten_bias(model, False)
     moved = step()
     assert "whiten.bias" not in moved and model.whiten.bias.grad is None and "head.weight" in moved
-    engine.train_whiten_bias(model, True)
+    whiten.train_whiten_bias(model, True)
     moved = step()
     assert "whiten.bias" in moved and "whiten.weight" not in moved
 
@@ -132,11 +132,11 @@ def test_train_tests_after_every_nth_epoch_and_always_after_the_last():
 # --- the weight average ------------------------------------------------------------------------------
 
 def test_ema_follows_the_weights_at_its_warmed_up_decay_and_averages_batchnorm_stats():
-    from steps import engine
+    from steps import averaging
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    ema = engine.WeightAverage(model, decay=0.9)
+    ema = averaging.WeightAverage(model, decay=0.9)
     start = [p.detach().clone() for p in model.parameters()]
     ema.update_parameters(model)  # the first update copies
     assert all(torch.equal(a, p) for a, p in zip(ema.module.parameters(), start))
@@ -164,55 +164,55 @@ def test_ema_follows_the_weights_at_its_warmed_up_decay_and_averages_batchnorm_s
 
 
 def test_ema_decay_warms_up_to_its_cap():
-    from steps.engine import ema_decay_at
+    from steps.averaging import ema_decay_at
 
     assert float(ema_decay_at(0.99, 1)) == 2 / 11 and float(ema_decay_at(0.99, 80)) == 81 / 90
     assert float(ema_decay_at(0.99, 10_000)) == 0.99 and float(ema_decay_at(0.5, 20)) == 0.5
 
 
 def test_ema_state_dict_round_trips_into_a_fresh_average():
-    from steps import engine
+    from steps import averaging
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
-    ema = engine.WeightAverage(model, decay=0.9)
+    ema = averaging.WeightAverage(model, decay=0.9)
     for _ in range(3):
         with torch.no_grad():
             model[0].weight.add_(1.0)
         ema.update_parameters(model)
     state = ema.state_dict()
     assert set(state) == {"n_averaged", *(f"module.{k}" for k in model.state_dict())}
-    fresh = engine.WeightAverage(model, decay=0.9)
+    fresh = averaging.WeightAverage(model, decay=0.9)
     fresh.load_state_dict(state)
     assert int(fresh.n_averaged) == 3 and torch.equal(fresh.module[0].weight, ema.module[0].weight)
 
 
 def test_bn_biases_get_their_lr_multiple_and_the_same_decay_per_step():
-    from steps import engine
+    from steps import optim, schedules
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 9, 2))
-    optimizer = engine.build_optimizer("sgd", model, 1.0, 5e-4, bn_bias_lr=64.0)
-    scheduler = engine.lambda_scheduler(optimizer, lambda step: 0.1 * (step + 1))
+    optimizer = optim.build_optimizer("sgd", model, 1.0, 5e-4, bn_bias_lr=64.0)
+    scheduler = schedules.lambda_scheduler(optimizer, lambda step: 0.1 * (step + 1))
     rest, biases = optimizer.param_groups
     assert biases["params"] == [model[1].bias] and len(rest["params"]) == len(list(model.parameters())) - 1
     assert scheduler.get_last_lr() == pytest.approx([0.1, 6.4])
     scheduler.step()
     assert scheduler.get_last_lr() == pytest.approx([0.2, 12.8])  # the multiple holds all along the schedule
     assert rest["lr"] * rest["weight_decay"] == pytest.approx(biases["lr"] * biases["weight_decay"])
-    plain = engine.build_optimizer("sgd", model, 1.0, 5e-4)
+    plain = optim.build_optimizer("sgd", model, 1.0, 5e-4)
     assert len(plain.param_groups) == 1
     with pytest.raises(StepError, match="needs optimizer sgd"):
-        engine.build_optimizer("muon", model, 1.0, 5e-4, bn_bias_lr=64.0)
+        optim.build_optimizer("muon", model, 1.0, 5e-4, bn_bias_lr=64.0)
 
 
 def test_frozen_bn_scales_stay_at_one_while_their_biases_train():
-    from steps import engine
+    from steps import optim
     from steps.recipes import TrainConfig, validate
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 2))
-    engine.freeze_bn_scales(model)
-    optimizer = engine.build_optimizer("sgd", model, 0.1, 5e-4, bn_bias_lr=8.0)
+    optim.freeze_bn_scales(model)
+    optimizer = optim.build_optimizer("sgd", model, 0.1, 5e-4, bn_bias_lr=8.0)
     bias = model[1].bias.detach().clone()
     loss = nn.functional.cross_entropy(model(torch.randn(8, 3, 8, 8)), torch.randint(0, 2, (8,)))
     loss.backward()
@@ -225,7 +225,7 @@ def test_frozen_bn_scales_stay_at_one_while_their_biases_train():
 
 
 def test_the_training_step_is_compiled_as_cuda_graphs_on_a_gpu_only():
-    from steps.engine import Hardware
+    from steps.hardware import Hardware
     from steps.recipes import compile_mode
 
     assert compile_mode(Hardware(torch.device("cuda"), torch.bfloat16, True)) == "reduce-overhead"
@@ -240,29 +240,30 @@ def test_a_training_epoch_on_a_gpu_does_not_wait_for_it_step_by_step():
     Loss checks are put out of reach (check_every) so only the epoch's end reads back."""
     import warnings
 
-    from steps import engine
+    from steps import averaging, hardware, loop, optim, schedules
+    from steps.batches import iterate_batches
     from steps.augment import build_policy
 
-    hw = engine.hardware("cuda")
+    hw = hardware.hardware("cuda")
     device = hw.device
     x = torch.randint(0, 256, (512, 32, 32, 3), dtype=torch.uint8, device=device)
     y = torch.randint(0, 10, (512,), device=device)
-    model = engine.build_model("fast_net_small", 0, hw)
-    optimizer = engine.build_optimizer("sgd", model, 1.0, 5e-4)
-    scheduler = engine.lambda_scheduler(optimizer, lambda step: 0.01)
-    ema = engine.WeightAverage(model, 0.99)
+    model = hardware.build_model("fast_net_small", 0, hw)
+    optimizer = optim.build_optimizer("sgd", model, 1.0, 5e-4)
+    scheduler = schedules.lambda_scheduler(optimizer, lambda step: 0.01)
+    ema = averaging.WeightAverage(model, 0.99)
     policy = build_policy("flip_translate", (0.5, 0.5, 0.5))
     generator = torch.Generator().manual_seed(0)
 
     def waits(steps: int) -> int:
-        batches = engine.iterate_batches(x[:64 * steps], y[:64 * steps], 64, generator=generator, drop_last=True,
+        batches = iterate_batches(x[:64 * steps], y[:64 * steps], 64, generator=generator, drop_last=True,
                                          augment=policy)
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                engine.train_one_epoch(model, optimizer, scheduler, batches, mean=(0.5,) * 3, std=(0.25,) * 3,
+                loop.train_one_epoch(model, optimizer, scheduler, batches, mean=(0.5,) * 3, std=(0.25,) * 3,
                                        loss_fn=nn.CrossEntropyLoss(), hw=hw, augment=policy, generator=generator,
                                        ema=ema, check_every=10**6)
             finally:
@@ -281,7 +282,7 @@ def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from steps import engine
+    from steps import checkpoints
     from steps.recipes import TrainConfig
     from steps.train import train
 
@@ -289,16 +290,16 @@ def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri
     monkeypatch.setenv("CIFAR10_CHECKPOINT_INTERVAL", "0")
     cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0.05, aug="tensor", schedule="warmup_linear",
                       whiten=True, ema=0.9, low_res=24, low_res_pct=0.5, whiten_bias_epochs=1, optimizer=optimizer)
-    real_save = engine.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def save_then_crash(path, state):
         real_save(path, state)
         raise RuntimeError("killed after epoch 1")
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
     with pytest.raises(RuntimeError), mlflow.start_run():
         train(cfg, str(synthetic_data_dir), device="cpu")
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     with mlflow.start_run() as resumed:
         train(cfg, str(synthetic_data_dir), device="cpu")
     with mlflow.start_run() as straight:
@@ -350,23 +351,24 @@ def test_a_low_res_the_model_cannot_take_is_refused_before_any_work():
 
 
 def test_a_low_res_epoch_feeds_the_model_downscaled_channels_last_images():
-    from steps import engine
+    from steps import hardware, loop, optim, schedules
+    from steps.batches import iterate_batches
 
     x, y, *_ = synthetic(n_train=64, n_test=0)
-    hw = engine.hardware("cpu", "fp32")
-    model = engine.prepare_model(create_model("fast_net_small"), hw)
+    hw = hardware.hardware("cpu", "fp32")
+    model = hardware.prepare_model(create_model("fast_net_small"), hw)
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    optimizer = engine.build_optimizer("sgd", model, 0.05, 0.0)
-    scheduler = engine.lambda_scheduler(optimizer, lambda step: 0.05)
+    optimizer = optim.build_optimizer("sgd", model, 0.05, 0.0)
+    scheduler = schedules.lambda_scheduler(optimizer, lambda step: 0.05)
     for size in (16, None):
-        engine.train_one_epoch(model, optimizer, scheduler, engine.iterate_batches(x, y, 32), mean=MEAN, std=STD,
+        loop.train_one_epoch(model, optimizer, scheduler, iterate_batches(x, y, 32), mean=MEAN, std=STD,
                                loss_fn=nn.CrossEntropyLoss(), hw=hw, size=size)
     assert [tuple(t.shape[-2:]) for t in seen] == [(16, 16)] * 2 + [(32, 32)] * 2
     assert all(t.is_contiguous(memory_format=torch.channels_last) for t in seen)
     # The whole picture, smaller (not a crop of it): a left-to-right ramp keeps its ends.
     ramp = torch.linspace(-1, 1, 32).expand(1, 3, 32, 32)
-    small = engine.downscale(ramp, 16)
+    small = loop.downscale(ramp, 16)
     assert small[..., 0].max() < -0.85 and small[..., -1].min() > 0.85
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from steps import engine
+from steps import checkpoints
+from steps.checkpoints import load_checkpoint
 from steps.data import synthetic, write_data
 from steps.recipes import TrainConfig
 from steps.train import EPOCH_METRICS, train
@@ -48,18 +49,18 @@ def test_resumed_training_matches_an_uninterrupted_one(test_every, tested, synth
     monkeypatch.setattr("steps.find_lr.NUM_ITER", 12)  # max_lr 0: a short range test in the run
     cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0, aug="reference", test_every=test_every)
     client = MlflowClient()
-    real_save = engine.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def save_then_crash(path, state):
         real_save(path, state)
         if state["epoch"] == 1:
             raise Crash("killed after epoch 1")
 
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         with mlflow.start_run() as crashed:
             train(cfg, str(synthetic_data_dir), device="cpu")
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     assert len(list((tmp_path / "checkpoints").glob("*/last.pt"))) == 1
 
     caplog.set_level("INFO", logger="steps.train")
@@ -108,7 +109,7 @@ def wait_for_checkpoint(root, process: subprocess.Popen, timeout_s: float = 240)
     while time.monotonic() < deadline:
         assert process.poll() is None, "training ended before it could be killed"
         for path in root.glob("*/last.pt"):
-            epoch = engine.load_checkpoint(path)["epoch"]
+            epoch = checkpoints.load_checkpoint(path)["epoch"]
             if epoch >= 1:
                 return epoch
         time.sleep(0.1)
@@ -134,7 +135,7 @@ def test_kill_9_mid_training_then_rerun_resumes_and_logs_each_epoch_once(tmp_pat
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     [path] = checkpoints.glob("*/last.pt")
-    killed_at = engine.load_checkpoint(path)["epoch"]
+    killed_at = load_checkpoint(path)["epoch"]
     assert 1 <= killed_at < epochs
 
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -167,7 +168,7 @@ def test_a_torn_or_foreign_checkpoint_is_refused_with_its_path(synthetic_data_di
     with pytest.raises(StepError, match=f"{path}: unreadable checkpoint .*delete it to start over"):
         with mlflow.start_run():
             train(cfg, str(synthetic_data_dir), device="cpu")
-    engine.save_checkpoint(path, {"format": 1, "key": "another"})
+    checkpoints.save_checkpoint(path, {"format": 1, "key": "another"})
     with pytest.raises(StepError, match="another format or config"):
         with mlflow.start_run():
             train(cfg, str(synthetic_data_dir), device="cpu")
@@ -260,8 +261,8 @@ def test_checkpoints_are_written_once_the_interval_has_passed(synthetic_data_dir
 
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
     saved = []
-    real_save = engine.save_checkpoint
-    monkeypatch.setattr(engine, "save_checkpoint", lambda path, state: saved.append(state["epoch"]) or
+    real_save = checkpoints.save_checkpoint
+    monkeypatch.setattr(checkpoints, "save_checkpoint", lambda path, state: saved.append(state["epoch"]) or
                         real_save(path, state))
     cfg = TrainConfig(epochs=3, batch_size=50, max_lr=0.05, aug="none")
     for interval, expected in (("0", [1, 2, 3]), ("", []), ("3600", [])):  # "" = the default, 60 s

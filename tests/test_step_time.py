@@ -49,17 +49,17 @@ def test_step_time_whiten_bias_rows_compare_a_trainable_and_a_frozen_bias(tmp_pa
 
 
 def test_step_time_muon_rows_time_the_recipe_step_with_sgd_then_muon(tmp_path, monkeypatch):
-    from steps import engine
+    from steps import optim
 
     built = []
-    real_build = engine.build_optimizer
+    real_build = optim.build_optimizer
 
     def spy(name, model, lr, weight_decay):
         optimizer = real_build(name, model, lr, weight_decay)
         built.append((type(optimizer).__name__, model.whiten.weight.requires_grad, model.whiten.bias.requires_grad))
         return optimizer
 
-    monkeypatch.setattr(engine, "build_optimizer", spy)
+    monkeypatch.setattr(optim, "build_optimizer", spy)
     saved = step_time.main(["--muon", "--models", "fast_net_small", "--batch-sizes", "2", "--repeats", "1",
                             "--device", "cpu", "--out", str(tmp_path / "muon.json")])
     sgd, muon = saved["rows"]

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from benchmarks import train_flops
-from steps import engine
+from steps import hardware
 from steps.data import load_data, synthetic, write_data
 from steps.recipes import TrainConfig, start_training
 
-CPU = engine.Hardware(torch.device("cpu"), None, False)
+CPU = hardware.Hardware(torch.device("cpu"), None, False)
 
 
 def shape_flops(model: nn.Module, side: int) -> dict[nn.Module, int]:

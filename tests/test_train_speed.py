@@ -54,7 +54,7 @@ def test_the_benchmark_trains_the_network_train_logs(synthetic_data_dir, trackin
     import torch
     from mlflow.tracking import MlflowClient
 
-    from steps import engine
+    from steps import hardware
     from steps.augment import build_policy
     from steps.data import load_data
     from steps.recipes import TrainConfig, training_set
@@ -69,7 +69,7 @@ def test_the_benchmark_trains_the_network_train_logs(synthetic_data_dir, trackin
     logged = torch.load(MlflowClient().download_artifacts(run.info.run_id, "weights/state_dict.pt", str(tmp_path)),
                         weights_only=True)
 
-    hw = engine.hardware("cpu")
+    hw = hardware.hardware("cpu")
     data = load_data(str(synthetic_data_dir))
     net = train_speed.train_seed(cfg, data, hw, training_set(data, build_policy(cfg.aug, data.mean), hw))
     timed = net.state_dict()
@@ -97,16 +97,16 @@ def test_train_speed_refuses_a_missing_archive_in_one_line(tmp_path):
 def test_augment_workers_reach_the_pool_and_leave_the_network_unchanged(synthetic_data_dir, tmp_path, monkeypatch):
     """--augment-workers overrides train's choice (none on a CPU) for a per-image policy, so
     the pool's speed can be set against one process on a GPU machine; the network is the same."""
-    from steps import engine
+    from steps import batches
 
     seen = []
-    real = engine.iterate_batches
+    real = batches.iterate_batches
 
     def spy(*args, **kwargs):
         seen.append(kwargs["workers"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "iterate_batches", spy)
+    monkeypatch.setattr(batches, "iterate_batches", spy)
     common = ["--data", str(synthetic_data_dir), "--recipe", "reference", "--max-lr", "0.05", "--seeds", "1",
               "--epochs", "1", "--batch-size", "50", "--device", "cpu"]
     pooled = train_speed.main([*common, "--augment-workers", "2", "--out", str(tmp_path / "2.json")])
