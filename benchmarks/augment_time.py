@@ -1,6 +1,6 @@
 """Time of one epoch's augmentation by a per-image (albumentations) policy, in this process and
 in pools of worker processes (batches.iterate_batches' `workers`, which train uses when a GPU
-trains: recipes.augment_workers): whether the pool keeps a GPU fed where one core cannot.
+trains: training.augment_workers): whether the pool keeps a GPU fed where one core cannot.
 
     python benchmarks/augment_time.py --policy reference --images 50000 --workers 0,1,2 --repeats 5
 

@@ -7,7 +7,7 @@ the fast recipe's GPU epochs of a fraction of a second, each is a share of the e
     python benchmarks/epoch_bookkeeping.py --recipe fast --repeats 15
 
 The state is the recipe's model, optimizer (after two training steps, so its momentum buffers
-exist), schedule and EMA, built on synthetic data by steps.recipes.start_training and written by
+exist), schedule and EMA, built on synthetic data by steps.training.start_training and written by
 train's own steps.train.training_state and checkpoints.save_checkpoint (fsynced) to a temporary
 folder; each metric write is the five epoch metrics at a new step. Compile is off: it changes
 nothing here and its warm-up takes minutes on a CPU. Medians over --repeats, time.perf_counter
@@ -33,8 +33,9 @@ import mlflow  # noqa: E402
 from benchmarks.train_speed import machine  # noqa: E402
 from steps import checkpoints, hardware, loop, schedules  # noqa: E402
 from steps.data import load_data, synthetic, write_data  # noqa: E402
-from steps.recipes import EVAL_BATCH, RECIPES, resolve_config, start_training, train_epoch, training_set  # noqa: E402
+from steps.recipes import RECIPES, resolve_config  # noqa: E402
 from steps.train import EPOCH_METRICS, log_metrics_queued, training_state  # noqa: E402
+from steps.training import EVAL_BATCH, start_training, train_epoch, training_set  # noqa: E402
 
 
 def timed(fn) -> float:

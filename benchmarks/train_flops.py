@@ -8,7 +8,7 @@ machine's speed enters it, so it compares a GPU recipe with a CPU one, which no 
 A recipe may name its model after a colon (the reference recipe names none: main trains it on
 custom_resnet).
 
-The model is built by steps.recipes.start_training as train builds it (the whitening conv frozen,
+The model is built by steps.training.start_training as train builds it (the whitening conv frozen,
 its bias trained or frozen as each epoch has it, BatchNorm scales frozen where the recipe freezes
 them), on synthetic data. One forward and backward at batch --batch is counted per image size and
 whitening-bias setting the recipe's epochs use, and divided by the batch; the optimizer step is
@@ -37,8 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from steps import batches, hardware, whiten  # noqa: E402
 from steps.data import load_data, synthetic, write_data  # noqa: E402
 from steps.errors import StepError  # noqa: E402
-from steps.recipes import (RECIPES, TrainConfig, Training, epoch_size, resolve_config, start_training,  # noqa: E402
-                           validate, whiten_bias_trains)
+from steps.recipes import RECIPES, TrainConfig, epoch_size, resolve_config, validate, whiten_bias_trains  # noqa: E402
+from steps.training import Training, start_training  # noqa: E402
 
 FULL_SIZE = 32
 TRAIN_IMAGES = 50_000  # CIFAR-10's training set

@@ -1,7 +1,7 @@
 """Training time-to-accuracy of a train recipe, without MLflow: N seeds, medians and means.
 
 The loop is train's (steps.train._train_locked) with the tracking and the checkpoints taken
-out: the same steps.recipes.start_training, schedule and train_epoch. What is timed is the
+out: the same steps.training.start_training, schedule and train_epoch. What is timed is the
 training itself, from the whitening init to the last optimizer step, with no test pass in
 between (train tests after every epoch; this does not, so that the figure is the training's
 alone). The data set is loaded and, where train would, moved to the device before the clock
@@ -46,8 +46,8 @@ from steps.artifacts import MANIFEST  # noqa: E402
 from steps.augment import POLICIES, build_policy  # noqa: E402
 from steps.data import CifarData, load_data, local_path, read_cifar, write_data  # noqa: E402
 from steps.errors import StepError  # noqa: E402
-from steps.recipes import (EVAL_BATCH, RECIPES, TrainConfig, augment_workers, resolve_config,  # noqa: E402
-                           start_training, train_epoch, training_set, validate)
+from steps.recipes import RECIPES, TrainConfig, resolve_config, validate  # noqa: E402
+from steps.training import EVAL_BATCH, augment_workers, start_training, train_epoch, training_set  # noqa: E402
 
 WARMUP_STEPS = 5  # compile warm-up: enough steps to compile the training step's graphs
 
@@ -78,7 +78,7 @@ class Clock:
 def train_seed(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, train_set: tuple,
                max_steps: int | None = None, workers: int | None = None) -> nn.Module:
     """train's loop for cfg (max_lr must be set), untracked; returns the result network.
-    workers: augmentation processes, None = as train takes them (recipes.augment_workers)."""
+    workers: augmentation processes, None = as train takes them (training.augment_workers)."""
     training = start_training(cfg, data, hw)
     steps_per_epoch = batches.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
     scheduler = schedules.lambda_scheduler(

@@ -1,7 +1,7 @@
 """A small, fast CIFAR-10 net after Keller Jordan's airbench94; the default for smoke runs.
 
 Plain float32 modules with no device or dtype of their own: it trains on a CPU as it is,
-and on a GPU the training engine may add channels_last and bf16 autocast around it.
+and on a GPU the training code may add channels_last and bf16 autocast around it.
 """
 
 import torch
@@ -23,7 +23,7 @@ class FastNet(nn.Module):
         # The first conv has airbench's whitening shape: 2x2 patches of 3 channels are
         # 12-dimensional, and 24 = 2 x 12 filters leave room for each whitening direction
         # and its negative. Here it is an ordinary learnable conv (with bias, as no
-        # BatchNorm follows it); a training engine may overwrite its weights with the
+        # BatchNorm follows it); the training code may overwrite its weights with the
         # patch-whitening basis of the training set and freeze them, which is a choice
         # about training, not about the architecture.
         self.whiten = nn.Conv2d(3, whiten_channels, 2, padding=0, bias=True)

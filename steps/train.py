@@ -57,9 +57,9 @@ from steps.errors import StepError
 from steps import find_lr as find_lr_step
 from steps.find_lr import log_range_test, range_test
 from steps.options import WHOLE, OrNotGiven, log_params
-from steps.recipes import (EVAL_BATCH, RECIPES, TrainConfig, Training, resolve_config, start_training,
-                           tests_after, train_epoch, training_set, validate)
+from steps.recipes import RECIPES, TrainConfig, resolve_config, tests_after, validate
 from steps.runtime import retry, step_command
+from steps.training import EVAL_BATCH, Training, start_training, train_epoch, training_set
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The shared engine on synthetic data: schedules, the Muon optimizer, batches, augmentation,
+"""The training modules on synthetic data: schedules, the Muon optimizer, batches, augmentation,
 one epoch of training, the LR range test, the NaN guard and atomic checkpoints. A tiny network
 stands in for the registry's models wherever the architecture does not matter, to keep this fast."""
 
@@ -325,7 +325,7 @@ def test_a_loop_that_stops_early_ends_the_augmentation_pool():
 
 
 def test_augment_workers_use_the_cores_but_one_when_a_gpu_trains(monkeypatch):
-    from steps.recipes import MAX_AUGMENT_WORKERS, augment_workers
+    from steps.training import MAX_AUGMENT_WORKERS, augment_workers
 
     cuda = hardware.Hardware(torch.device("cuda"), torch.bfloat16, True)
     for cores, expected in ((1, 0), (3, 2), (64, MAX_AUGMENT_WORKERS)):

@@ -226,7 +226,7 @@ def test_frozen_bn_scales_stay_at_one_while_their_biases_train():
 
 def test_the_training_step_is_compiled_as_cuda_graphs_on_a_gpu_only():
     from steps.hardware import Hardware
-    from steps.recipes import compile_mode
+    from steps.training import compile_mode
 
     assert compile_mode(Hardware(torch.device("cuda"), torch.bfloat16, True)) == "reduce-overhead"
     assert compile_mode(Hardware(torch.device("cpu"), None, True)) is None

@@ -11,7 +11,8 @@ from torch import nn
 from benchmarks import train_flops
 from steps import hardware
 from steps.data import load_data, synthetic, write_data
-from steps.recipes import TrainConfig, start_training
+from steps.recipes import TrainConfig
+from steps.training import start_training
 
 CPU = hardware.Hardware(torch.device("cpu"), None, False)
 

@@ -57,7 +57,8 @@ def test_the_benchmark_trains_the_network_train_logs(synthetic_data_dir, trackin
     from steps import hardware
     from steps.augment import build_policy
     from steps.data import load_data
-    from steps.recipes import TrainConfig, training_set
+    from steps.recipes import TrainConfig
+    from steps.training import training_set
     from steps.train import train
 
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
