@@ -1,10 +1,71 @@
-"""Checkpoints: written atomically, loaded without running code, and the random state they hold."""
+"""Checkpoints: where a config's checkpoint lives, how often and under what lock it is written;
+written atomically, loaded without running code; and the random state they hold."""
 
+import fcntl
+import hashlib
+import json
 import os
 import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from steps.errors import StepError
+from steps.recipes import TrainConfig
+
+CHECKPOINT_FILE = "last.pt"
+CHECKPOINT_FORMAT = 3  # 2: holds the EMA's state ("ema", None when off); 3: history by epoch (test_every)
+CHECKPOINT_INTERVAL_S = 60.0  # default of CIFAR10_CHECKPOINT_INTERVAL
+
+
+def checkpoint_root() -> Path:
+    return Path(os.environ.get("CIFAR10_CHECKPOINTS", Path.home() / ".cache" / "cifar10-mlflow" / "checkpoints"))
+
+
+def checkpoint_interval() -> float:
+    """Seconds of training between checkpoints, from CIFAR10_CHECKPOINT_INTERVAL."""
+    value = os.environ.get("CIFAR10_CHECKPOINT_INTERVAL", "").strip()
+    if not value:
+        return CHECKPOINT_INTERVAL_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise StepError(f"CIFAR10_CHECKPOINT_INTERVAL is a number of seconds >= 0 (0 = every epoch); got {value!r}")
+    return seconds
+
+
+def checkpoint_key(cfg: TrainConfig, data_digest: str) -> str:
+    """Same config on the same data, same key: the rerun of a command finds its checkpoint.
+    Device and precision are left out, so a run may resume on other hardware."""
+    blob = json.dumps({"config": asdict(cfg), "data_digest": data_digest}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_checkpoint(path: Path, key: str) -> dict:
+    try:
+        state = load_checkpoint(path)
+    except Exception as exc:  # unpickling errors come in many types
+        raise StepError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); delete it to start over") from None
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("key") != key:
+        raise StepError(f"{path}: a checkpoint of another format or config; delete it to start over")
+    return state
+
+
+@contextmanager
+def exclusive(folder: Path):
+    """Hold a lock on folder for the duration, so two runs of one config never write the same
+    checkpoint. The kernel drops the lock when the process dies, kill -9 included."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StepError(f"another train with the same config and data is running (checkpoint folder {folder})") from None
+        yield
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

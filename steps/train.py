@@ -24,17 +24,12 @@ none, where one per epoch would cost more than a short epoch (README, "What an e
 bookkeeping costs").
 """
 
-import fcntl
-import hashlib
-import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -64,57 +59,6 @@ from steps.training import EVAL_BATCH, Training, start_training, train_epoch, tr
 log = logging.getLogger(__name__)
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr")
-CHECKPOINT_FILE = "last.pt"
-CHECKPOINT_FORMAT = 3  # 2: holds the EMA's state ("ema", None when off); 3: history by epoch (test_every)
-CHECKPOINT_INTERVAL_S = 60.0  # default of CIFAR10_CHECKPOINT_INTERVAL
-# --- checkpoints: where, and under what lock ----------------------------------------------------------
-
-def checkpoint_root() -> Path:
-    return Path(os.environ.get("CIFAR10_CHECKPOINTS", Path.home() / ".cache" / "cifar10-mlflow" / "checkpoints"))
-
-
-def checkpoint_interval() -> float:
-    """Seconds of training between checkpoints, from CIFAR10_CHECKPOINT_INTERVAL."""
-    value = os.environ.get("CIFAR10_CHECKPOINT_INTERVAL", "").strip()
-    if not value:
-        return CHECKPOINT_INTERVAL_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        raise StepError(f"CIFAR10_CHECKPOINT_INTERVAL is a number of seconds >= 0 (0 = every epoch); got {value!r}")
-    return seconds
-
-
-def checkpoint_key(cfg: TrainConfig, data_digest: str) -> str:
-    """Same config on the same data, same key: the rerun of a command finds its checkpoint.
-    Device and precision are left out, so a run may resume on other hardware."""
-    blob = json.dumps({"config": asdict(cfg), "data_digest": data_digest}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def read_checkpoint(path: Path, key: str) -> dict:
-    try:
-        state = checkpoints.load_checkpoint(path)
-    except Exception as exc:  # unpickling errors come in many types
-        raise StepError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); delete it to start over") from None
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("key") != key:
-        raise StepError(f"{path}: a checkpoint of another format or config; delete it to start over")
-    return state
-
-
-@contextmanager
-def exclusive(folder: Path):
-    """Hold a lock on folder for the duration, so two runs of one config never write the same
-    checkpoint. The kernel drops the lock when the process dies, kill -9 included."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "lock", "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StepError(f"another train with the same config and data is running (checkpoint folder {folder})") from None
-        yield
 
 
 # --- tracking that survives a hiccup --------------------------------------------------------------------
@@ -200,17 +144,17 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
     """Train, or resume training, under the active MLflow run; log the model. Returns the
     last epoch's metrics. `recipe` is only recorded: cfg is already resolved (resolve_config)."""
     validate(cfg)
-    interval = checkpoint_interval()
+    interval = checkpoints.checkpoint_interval()
     hw = hardware.hardware(device, precision)
     data = load_data(data_uri)
-    key = checkpoint_key(cfg, data.digest)
-    folder = checkpoint_root() / key
+    key = checkpoints.checkpoint_key(cfg, data.digest)
+    folder = checkpoints.checkpoint_root() / key
     run_id = mlflow.active_run().info.run_id
     log_params({**asdict(cfg), "recipe": recipe, "data": data_uri, "data_digest": data.digest})
     mlflow.set_tags({"data_digest": data.digest, "device": str(hw.device), "checkpoint_key": key,
                      "precision": str(hw.autocast or torch.float32).removeprefix("torch.")})
-    with exclusive(folder):
-        metrics = _train_locked(cfg, data, hw, folder / CHECKPOINT_FILE, key, run_id, interval)
+    with checkpoints.exclusive(folder):
+        metrics = _train_locked(cfg, data, hw, folder / checkpoints.CHECKPOINT_FILE, key, run_id, interval)
         # A finished run is the record of the training (metrics, weights); the checkpoint was
         # only there to get it finished, so it goes.
         shutil.rmtree(folder, ignore_errors=True)
@@ -220,7 +164,7 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
 def _train_locked(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, path: Path, key: str,
                   run_id: str, interval: float) -> dict[str, float]:
     training = start_training(cfg, data, hw)
-    state = read_checkpoint(path, key) if path.is_file() else None
+    state = checkpoints.read_checkpoint(path, key) if path.is_file() else None
 
     if state is None:
         max_lr, lr_source, lr_test = resolve_max_lr(cfg, training.model, training.optimizer, data, hw)
@@ -272,8 +216,8 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, path
         history[epoch] = values
         if time.monotonic() - saved_at >= interval:
             checkpoints.save_checkpoint(path, {
-                "format": CHECKPOINT_FORMAT, "key": key, "config": asdict(cfg), "run_id": run_id, "epoch": epoch,
-                "max_lr": max_lr, "lr_source": lr_source, "range_test": lr_test, "history": history,
+                "format": checkpoints.CHECKPOINT_FORMAT, "key": key, "config": asdict(cfg), "run_id": run_id,
+                "epoch": epoch, "max_lr": max_lr, "lr_source": lr_source, "range_test": lr_test, "history": history,
                 "seconds": seconds, **training_state(training, scheduler)})
             saved_at = time.monotonic()
         # epoch_seconds is this process's own figure, so it stays out of the history a resume copies.

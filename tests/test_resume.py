@@ -158,7 +158,7 @@ def test_kill_9_mid_training_then_rerun_resumes_and_logs_each_epoch_once(tmp_pat
 def test_a_torn_or_foreign_checkpoint_is_refused_with_its_path(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
     from steps.data import load_data
     from steps.errors import StepError
-    from steps.train import checkpoint_key
+    from steps.checkpoints import checkpoint_key
 
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path))
     cfg = TrainConfig(epochs=1, batch_size=50, max_lr=0.1, aug="none")
