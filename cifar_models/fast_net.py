@@ -60,7 +60,6 @@ def fast_net(num_classes: int = 10) -> nn.Module:
 @register_model
 def fast_net_small(num_classes: int = 10) -> nn.Module:
     """fast_net at half the width (32/128/128, 498,104 parameters) and about a third of the
-    cost: a training step took 2.09 vs 6.79 ms an image (0.31x) at batch 128 on a 2-core AVX2
-    CPU (float32, channels_last; benchmarks/results/step-time-models-cpu-2core.json). On a
-    CPU that buys three times the epochs in the same minutes, which the `cpu` recipe spends."""
+    cost of a training step on a CPU (benchmarks/README.md, "CPU recipe"): three times the
+    epochs in the same minutes, which the `cpu` recipe spends."""
     return FastNet(num_classes, widths=(32, 128, 128))

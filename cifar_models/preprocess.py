@@ -32,8 +32,7 @@ def to_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
     A permuted view, not a copy: its strides are channels_last's, and normalize keeps them, so
     oneDNN runs its NHWC convolutions on the batch whatever the weights' layout. Keep it so: an
-    inference forward in NCHW took 1.6x to 2.0x the NHWC time at batches 64 and 512 on the
-    README's 2-core AVX2 CPU (benchmarks/results/forward-time-cpu-2core-*thread.json)."""
+    inference forward in NCHW is markedly slower on a CPU (benchmarks/README.md, "Endpoint")."""
     images = torch.as_tensor(images)
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {tuple(images.shape)} {images.dtype}")

@@ -46,9 +46,8 @@ MAX_PIXELS = 4096 * 4096
 # tiny files each declaring 16 M uniform pixels would cost minutes of decoding.
 MAX_REQUEST_PIXELS = 4 * MAX_PIXELS
 # Images per forward pass: a larger request runs in chunks of this size, so what a request
-# holds at a time is one chunk's activations. Measured with 8 clients of 256-image requests
-# on 2 cores: a worker's peak resident memory 1788 MB in one pass, 1035 MB in chunks of 64
-# (what 64-image requests take), with no loss of images/s.
+# holds at a time is one chunk's activations: it cuts a worker's peak memory under load, with
+# no loss of images/s (benchmarks/README.md, "Endpoint").
 FORWARD_BATCH = 64
 
 # Only these decoders see request bytes. PIL reads many more formats, some through external
@@ -62,9 +61,8 @@ FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
 RESAMPLE = Image.Resampling.BICUBIC
 # A JPEG at least twice this size on each side is decoded by libjpeg at 1/2, 1/4 or 1/8
 # scale (each pixel the mean of a 2x2 to 8x8 block, taken in the DCT domain), never below
-# DRAFT_SIDE, and RESAMPLE does the rest. A 4000x3000 photo then decodes in 39 ms instead of
-# 202, a 640x480 one in 1.6 instead of 4.6 (2-core EPYC), within two grey levels of the full
-# decode (tests/test_pyfunc.py).
+# DRAFT_SIDE, and RESAMPLE does the rest: a large photo decodes several times faster, within
+# two grey levels of the full decode (tests/test_pyfunc.py; benchmarks/README.md, "Endpoint").
 DRAFT_SIDE = 4 * IMAGE_SIZE
 # Transparent pixels are composited onto white: CIFAR has no alpha, and white is what a
 # transparent logo or cut-out looks like on a page, whereas dropping alpha shows whatever
@@ -248,11 +246,10 @@ def serving_threads() -> int | None:
     under load the requests themselves keep the cores busy. More intra-op threads only
     oversubscribe the cores: every concurrent forward brings its own OpenMP team, whose
     barriers stall whenever one of its threads is descheduled, by another request or by
-    another process on the host. Measured with benchmarks/endpoint.py on 2 shared, busy cores
-    (interleaved phases, medians of 5): 1 thread instead of 2 gives 1.13x the images/s of 8
-    clients at batch 64, and a lone 64-image request's p50 falls from 272 to 179 ms; single
-    images are unchanged (16 vs 15 ms). A server that takes one large batch at a time on an
-    idle machine may set CIFAR_SERVE_TORCH_THREADS to its cores.
+    another process on the host. One thread per worker served more images/s, and a lone
+    request faster, than two on 2 shared cores (benchmarks/README.md, "Endpoint"). A server
+    that takes one large batch at a time on an idle machine may set CIFAR_SERVE_TORCH_THREADS
+    to its cores.
 
     The scoring server is recognised by the variable through which `mlflow models serve`
     hands its uvicorn workers the model path. Anywhere else (a notebook, the packaging step,

@@ -65,7 +65,7 @@ def augment_batches(policy: AlbumentationsPolicy, x: np.ndarray, batches: Sequen
     workers 0 augments here, one image after another. More forks that many processes, which
     inherit x and the policy (only the indices go out; the augmented uint8 batches come back)
     and keep two batches each in flight: per-image albumentations on one core cannot keep up
-    with a GPU (custom_resnet's reference recipe on an H200: README). The pool lives for one
+    with a GPU (benchmarks/README.md, "Augmentation"). The pool lives for one
     pass over `batches` and is ended when it is done or abandoned."""
     if workers == 0:
         for b, idx in enumerate(batches):
@@ -229,8 +229,8 @@ POLICIES: dict[str, Callable[[Mean], Policy]] = {
     "separable": _separable,
     "tensor": TensorPolicy,
     # airbench94's augmentation: flip and translate, no cutout. A short run underfits rather
-    # than overfits, and cutout's extra regularisation costs it accuracy (see the cpu recipe
-    # in steps/recipes.py).
+    # than overfits, and cutout's extra regularisation costs it accuracy
+    # (benchmarks/README.md, "CPU recipe").
     "flip_translate": lambda mean: TensorPolicy(mean, cutout=0, name="flip_translate"),
     "none": lambda mean: None,
 }

@@ -9,8 +9,9 @@ from torch import nn
 def ema_decay_at(decay: float, updates: torch.Tensor | int) -> torch.Tensor:
     """The decay of the `updates`-th average (counted from 1 after the copy): min(decay,
     (1 + n) / (10 + n)), TensorFlow's ExponentialMovingAverage warm-up. Without it a short run
-    is mostly its own initial weights: 0.99 ** 194 leaves 14% of the start in the average after
-    194 steps (2 epochs at batch 512), and a 2-epoch run on 10,000 images tested at chance (10.3%).
+    is mostly its own initial weights (0.99 ** 194 leaves 14% of the start in the average after
+    194 steps, 2 epochs at batch 512), and a 2-epoch run tested at chance
+    (benchmarks/README.md, "CPU recipe").
     A 0-dim float64 tensor on the count's device: computed there, the decay never makes the
     host wait for a GPU, as reading the count back every step would."""
     n = torch.as_tensor(updates).double()

@@ -26,14 +26,11 @@ def hardware(device: str = "auto", precision: str = "auto") -> Hardware:
     """device auto|cpu|cuda[:n]; precision auto|bf16|fp32.
 
     auto: CUDA if present. On CUDA, bf16 autocast. On a CPU with native bf16
-    (cpu_has_native_bf16), the same: fast_net's training step measured 1276 ms in float32 and
-    498 ms with bf16 autocast and channels_last on a 2-core AVX512-BF16 EPYC (batch 256, medians
-    of 5; bf16 alone 629 ms, channels_last alone 903 ms). On other CPUs bf16 is emulated and
-    slower, so plain float32 there. Under autocast BatchNorm still runs in float32 and the loss
-    is taken on float32 logits. channels_last is always on: oneDNN's and cuDNN's convolutions
-    are faster in NHWC whatever the dtype, float32 on an AVX2-only CPU included (0.67x to 0.81x
-    the NCHW step time at batches 128 to 1024 on a 2-core AVX2 EPYC, 2026-11-21,
-    benchmarks/results/step-time-cpu-2core.json).
+    (cpu_has_native_bf16), the same: with channels_last it more than halves fast_net's training
+    step there. On other CPUs bf16 is emulated and slower, so plain float32 there. Under
+    autocast BatchNorm still runs in float32 and the loss is taken on float32 logits.
+    channels_last is always on: oneDNN's and cuDNN's convolutions are faster in NHWC whatever
+    the dtype, float32 on an AVX2-only CPU included (benchmarks/README.md, "CPU recipe").
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

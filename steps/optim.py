@@ -72,11 +72,8 @@ class MuonSGD(torch.optim.Optimizer):
 
 # SGD keeps the reference recipe's Nesterov momentum 0.9; Adam's L2 decay goes through the
 # gradient, AdamW's is decoupled (scaled by the LR, not by the adaptive denominator). muon is
-# MuonSGD with airbench94_muon's filter momentum 0.6 and the filters' LR at 1/6 of the rest's:
-# on the cpu recipe's full run 1/3 tested below SGD (README), although it had done best of 1/6,
-# 1/3 and 2/3 on a short run on 20,000 images (a scratch script, so no figures here); the
-# longer run wants the smaller filter steps, though not smaller still: 1/12 did worse than 1/6
-# on the full run (scratch again, README).
+# MuonSGD with airbench94_muon's filter momentum 0.6 and the filters' LR at 1/6 of the rest's,
+# which did better on the cpu recipe's full run than 1/3 or 1/12 (benchmarks/README.md, "CPU recipe").
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sgd": lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True,
                                                             weight_decay=weight_decay),

@@ -67,56 +67,24 @@ RECIPES: dict[str, dict[str, object]] = {
                   "div_factor": 25.0, "final_div_factor": 1e4, "whiten": False, "ema": 0.0, "compile": False,
                   "low_res": 0, "low_res_pct": 0.0, "whiten_bias_epochs": 0, "freeze_bn_scale": False,
                   "bn_bias_lr": 1.0, "test_every": 1},
-    # For a GPU: 15 epochs of 48 steps at batch 1024, what the 4 s aimed at hold on an H200: 15
-    # trained in 3.40 s where 10 (about airbench94's 9.9) took 2.35 s, and tested 0.6-0.7 points
-    # higher (README, 5 seeds each). airbench94's
-    # augmentation, flip and translate without cutout, batched on the device (the uint8 set
-    # moves there once; cutout cost the short CPU run below 2.4 points), 20% warm-up then linear
-    # decay to 0 (airbench's triangle peaks at 23%), label smoothing 0.2 (airbench and Page),
-    # whitened frozen first conv, an EMA with a horizon of ~50 steps (about one epoch),
-    # torch.compile (its warm-up is paid once and reported apart by the benchmark), and
-    # airbench94's BatchNorm: scales frozen at 1, biases at 64x the LR (what that pair is worth
-    # on an H200: README). Of the rest of airbench's differences, tried there in a scratch sweep
-    # (one or two seeds, so no figures), identity-initialised convs and its BatchNorm momentum
-    # gained nothing; nor did peak LRs 0.4, 1.2 and 1.6, decay 1e-4, EMA off or 0.95, label
-    # smoothing 0.1, batch 512 or cutout by more than one seed's noise, and decay 2.5e-3 did
-    # far worse. train's test pass runs after epochs 5, 10 and 15 only: on the H200 a pass took
-    # 30 ms, about 11% of train's 0.27 s epochs, and with one after each of the 15 epochs train's
-    # loop came to about 4.1 s, an estimate from three runs (README, "On a GPU").
+    # For a GPU, aiming at 4 s on an H200: airbench94's recipe (flip and translate on the
+    # device, no cutout; warm-up then linear decay; label smoothing 0.2; a whitened, frozen
+    # first conv; an EMA over about an epoch; BatchNorm scales frozen and biases at 64x the LR),
+    # compiled. 15 epochs rather than airbench's 10 because they test higher and still fit, and
+    # a test pass only every 5th epoch because each is a sizeable share of so short an epoch
+    # (benchmarks/README.md, "GPU (H200)").
     "fast": {"model": "fast_net", "epochs": 15, "batch_size": 1024, "max_lr": 0.8, "optimizer": "sgd",
              "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "flip_translate", "schedule": "warmup_linear",
              "pct_start": 0.2, "whiten": True, "ema": 0.98, "compile": True, "freeze_bn_scale": True,
              "bn_bias_lr": 64.0, "test_every": 5},
-    # For a 2-core CPU: just under 15 minutes of training on an AVX2-only one. There fast_net's
-    # training step costs 6.5-6.8 ms an image in float32 + channels_last at any batch from 128 to
-    # 512 (benchmarks/step_time.py), so an epoch is ~330 s and only two fit in 15 minutes (81.3% on
-    # the full data, README); fast_net_small costs ~2.1 ms an image, and seven of its epochs fit, or
-    # nine when the first five are downscaled to 24x24 (progressive resizing, epoch_size), which
-    # cost ~0.6x a full-size epoch. At a peak LR of 0.2 the nine tested 86.2% for seeds 0 and 1
-    # where the seven tested 85.9% and 86.2% (87.4% against 87.0% with flip+shift TTA; README's
-    # Results). In so few epochs more, smaller steps learn more for the same time: on 10,000 images
-    # for 2 epochs of fast_net, batch 128 at LR 0.1 tested 59.6% where batch 512 at 0.4 tested
-    # 44.2%, and 0.2 at batch 128 61.6% (2026-11-21, one seed each: `benchmarks/train_speed.py
-    # --recipe cpu --model fast_net --epochs 2 --batch-size B --max-lr LR --train-limit 10000
-    # --test-limit 2000 --seeds 1`, all at full size and with SGD, as --low-res 0 --optimizer sgd
-    # are today). Until "Muon" below, every figure here is SGD's. For the nine epochs of
-    # fast_net_small the peak is 0.3: seed 1 tested 86.52% at 0.3, 86.21% at 0.2 and 86.17% at 0.4
-    # (flip+shift TTA 87.40%, 87.39%, 87.11%; `--recipe cpu --optimizer sgd --max-lr LR --seeds 1
-    # --first-seed 1`, benchmarks/results/train-speed-cpu-recipe-*seed1-*), seed 0 end to end 86.38%
-    # at 0.3 against 86.18% at 0.2 (87.68% against 87.33%; README). Flip and translate, batched,
-    # cost far less per batch than per-image albumentations; cutout is left out, as in airbench94: 3
-    # epochs on 20,000 images tested 75.3% without it and 72.9% with it (one seed each, 2026-11-22:
-    # `... --recipe cpu --optimizer sgd --epochs 3 --low-res 0 --max-lr 0.2 --train-limit 20000
-    # --seeds 1 --aug flip_translate|tensor`, benchmarks/results/train-3ep-20k-*). Whitening and an
-    # EMA (its decay warms up, see averaging.ema_decay_at) as in `fast`, but the whitening bias trains
-    # throughout: frozen after epoch 3, as airbench94 freezes it, a step takes ~0.94x the time, and
-    # seeds 0 and 1 tested 0.16 and 0.19 points lower (README); this budget has no use for the time.
-    # No compile: its warm-up on a CPU takes minutes and gains little there. Muon on the conv
-    # filters (optimizer muon, optim.MuonSGD), SGD for the rest: seed 0 end to end tested 86.87%
-    # against SGD's 86.38% (88.09% against 87.68% with TTA; README), seeds 1 to 3 in the benchmark
-    # 87.01% against 86.50% on average (88.14% against 87.39%), for ~10% more time per full-size
-    # step (README), which the 15 minutes still hold. On a CPU with native bf16 a step is ~2.5x
-    # faster: give more epochs, or fast_net, there.
+    # For a 2-core CPU: just under 15 minutes of training on an AVX2-only one. fast_net_small,
+    # at about a third of fast_net's step cost, fits nine epochs when the first five are
+    # downscaled to 24x24 (progressive resizing); batch 128 at peak LR 0.3, since in so few
+    # epochs more, smaller steps learn more; flip and translate without cutout, whitening and a
+    # warmed-up EMA as in `fast`, but the whitening bias trains throughout; Muon on the conv
+    # filters, which tests higher than SGD for a little more time per step; no compile, whose
+    # warm-up on a CPU takes minutes (benchmarks/README.md, "CPU recipe"). On a CPU with native
+    # bf16 a step is much faster: give more epochs, or fast_net, there.
     "cpu": {"model": "fast_net_small", "epochs": 9, "batch_size": 128, "max_lr": 0.3, "optimizer": "muon",
             "weight_decay": 5e-4, "label_smoothing": 0.2, "aug": "flip_translate", "schedule": "warmup_linear",
             "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False, "low_res": 24, "low_res_pct": 5 / 9},

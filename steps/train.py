@@ -20,8 +20,8 @@ file named by a hash of the config and the data digest. Running the same command
 crash or kill -9 picks it up, copies the finished epochs' metrics into the new run (so it holds
 each epoch once), tags resumed_from_epoch and resumed_from_run, and carries on. A crash so loses
 at most the interval and one epoch; a run of a few seconds, as the fast recipe's on a GPU, writes
-none, where one per epoch would cost more than a short epoch (README, "What an epoch's
-bookkeeping costs").
+none, where one per epoch would cost more than a short epoch (benchmarks/README.md, "Epoch
+bookkeeping").
 """
 
 import logging

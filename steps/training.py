@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 EVAL_BATCH = 1024  # images per forward in the test passes (train's per epoch, the benchmark's at the end)
 WHITEN_IMAGES = 5000  # airbench94's sample: plenty for a 12x12 covariance
-# A cap, so that a many-core GPU host does not fork dozens of processes every epoch: at the ~0.15 ms
-# an image that the reference policy takes on one core here (README), 8 make a batch of 512 in ~10 ms.
+# A cap, so that a many-core GPU host does not fork dozens of processes every epoch: 8 keep up
+# with a GPU's batches at the reference policy's cost per image (benchmarks/README.md, "Augmentation").
 MAX_AUGMENT_WORKERS = 8
 
 
@@ -74,9 +74,8 @@ def start_training(cfg: TrainConfig, data: CifarData, hw: Hardware) -> Training:
 def compile_mode(hw: Hardware) -> str | None:
     """torch.compile's mode for the training steps: on CUDA, "reduce-overhead", which replays
     each step's forward and backward kernels as one CUDA graph. Without it the fast recipe's
-    loop is bound by the host launching kernels (a profiled epoch on an H200 left the GPU idle
-    for most of its time; README's GPU rows have the times with and without). Elsewhere the
-    default."""
+    loop is bound by the host launching kernels, the GPU idle for most of an epoch
+    (benchmarks/README.md, "GPU (H200)"). Elsewhere the default."""
     return "reduce-overhead" if hw.device.type == "cuda" else None
 
 
