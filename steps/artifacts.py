@@ -4,6 +4,8 @@
 DATA_DIR = "data"
 MANIFEST = "manifest.json"
 ARRAY_NAMES = ("train_x", "train_y", "test_x", "test_y")
+# The validation split, carved from the training images; absent in data written before it existed.
+VAL_ARRAY_NAMES = ("val_x", "val_y")
 
 # Plots every step writes go under this folder of its run.
 PLOTS_DIR = "plots"
@@ -14,9 +16,11 @@ STATE_DICT = "state_dict.pt"
 MODEL_CONFIG = "model_config.json"
 SUMMARY = "model_summary.txt"
 PYFUNC_MODEL = "model"
+MODEL_ID_TAG = "model_id"  # train's run tag: the ID of the LoggedModel it logged
 
 # find_lr: the metric that train reads when max_lr is not given.
 SUGGESTED_LR_METRIC = "suggested_lr"
 
-# evaluate: the metric main compares candidates on.
+# evaluate: the metric main compares candidates on (validation), and the one it reports (test).
+VAL_ACCURACY_METRIC = "val_accuracy"
 TEST_ACCURACY_METRIC = "test_accuracy"

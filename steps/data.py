@@ -1,7 +1,7 @@
 """Reading CIFAR-10 archives, and the checked on-disk format every later step reads.
 
 `download_data` turns a source (the official archive, a local copy, or a synthetic set) into
-four .npy arrays and a manifest holding their SHA-256 sums, the per-channel statistics and the
+.npy arrays (train, test and a validation split carved from the training images) and a manifest holding their SHA-256 sums, the per-channel statistics and the
 class names. `load_data` verifies those sums before it hands the arrays on, so a truncated copy
 or a flipped byte is refused with a message instead of being trained on.
 """
@@ -17,13 +17,13 @@ import tempfile
 import urllib.error
 import urllib.parse
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cifar_models.preprocess import CLASSES
-from steps.artifacts import ARRAY_NAMES, DATA_DIR, MANIFEST
+from steps.artifacts import ARRAY_NAMES, DATA_DIR, MANIFEST, VAL_ARRAY_NAMES
 from steps.errors import StepError
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -33,7 +33,7 @@ BATCH_FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 ROW_BYTES = 3 * 32 * 32
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an optional validation split (val_x, val_y)
 
 
 class DataError(StepError):
@@ -52,6 +52,10 @@ class CifarData:
     digest: str  # identifies the exact arrays: a hash over their SHA-256 sums
     test_digest: str  # the same for the test arrays alone
     source: str  # where they came from, as given to download_data
+    # Held-out training images for choosing models and promotion; empty when none were carved.
+    val_x: np.ndarray = field(default_factory=lambda: np.zeros((0, 32, 32, 3), np.uint8))
+    val_y: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
+    val_digest: str = ""  # the validation arrays alone, "" when there are none
 
 
 # --- reading the python-version batches ------------------------------------------------------
@@ -206,6 +210,20 @@ def balanced_subset(x: np.ndarray, y: np.ndarray, limit: int) -> tuple[np.ndarra
     return x[keep], y[keep]
 
 
+def validation_split(x: np.ndarray, y: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
+    """(train_x, train_y, val_x, val_y): `size` images held out, class-balanced, taken from the end
+    of each class in stored order, so that train_limit's class-balanced prefix never reaches them."""
+    if size <= 0:
+        return x, y, x[:0], y[:0]
+    if size >= len(y):
+        raise DataError(f"a validation split of {size} images leaves none of the {len(y)} to train on")
+    backwards = np.arange(len(y))[::-1]
+    picked, _ = balanced_subset(backwards, y[backwards], size)  # indices, balanced over the reversed order
+    held = np.zeros(len(y), dtype=bool)
+    held[picked] = True
+    return x[~held], y[~held], x[held], y[held]
+
+
 def channel_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Exact per-channel mean and std of uint8 images, in [0, 1] units, from 256-bin histograms
     (no float copy of the data set is made)."""
@@ -231,9 +249,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_data(out_dir: Path, train_x, train_y, test_x, test_y, source: str) -> dict:
-    """Write the arrays and their manifest to out_dir, all or nothing: everything goes to a
-    temporary sibling folder first, which is renamed into place once complete."""
+def write_data(out_dir: Path, train_x, train_y, test_x, test_y, source: str,
+               val: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Write the arrays (and the validation split, when given) and their manifest to out_dir,
+    all or nothing: everything goes to a temporary sibling folder first, which is renamed into
+    place once complete."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise DataError(f"{out_dir}: already exists; refusing to overwrite")
@@ -241,6 +261,8 @@ def write_data(out_dir: Path, train_x, train_y, test_x, test_y, source: str) -> 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         arrays = dict(zip(ARRAY_NAMES, (train_x, train_y, test_x, test_y)))
+        if val is not None:
+            arrays.update(zip(VAL_ARRAY_NAMES, val))
         sums = {}
         for name, arr in arrays.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr), allow_pickle=False)
@@ -252,11 +274,15 @@ def write_data(out_dir: Path, train_x, train_y, test_x, test_y, source: str) -> 
             "classes": list(CLASSES),
             "mean": list(mean),
             "std": list(std),
-            "sizes": {"train": int(len(train_y)), "test": int(len(test_y))},
+            "sizes": {"train": int(len(train_y)), "test": int(len(test_y)),
+                      "val": int(len(val[1])) if val is not None else 0},
             "sha256": sums,
-            "digest": hashlib.sha256("".join(sums[n] for n in ARRAY_NAMES).encode()).hexdigest()[:16],
-            # The test images alone: models are compared only on the same test set.
+            "digest": hashlib.sha256("".join(sums.values()).encode()).hexdigest()[:16],
+            # The test images alone: a report is comparable only on the same test set.
             "test_digest": hashlib.sha256((sums["test_x"] + sums["test_y"]).encode()).hexdigest()[:16],
+            # Likewise the validation images, which models are chosen and promoted on.
+            "val_digest": (hashlib.sha256((sums["val_x"] + sums["val_y"]).encode()).hexdigest()[:16]
+                           if val is not None else ""),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         os.replace(tmp, out_dir)
@@ -288,6 +314,29 @@ def resolve_data_dir(uri: str) -> Path:
         raise DataError(f"cannot fetch data from {uri}: {exc}") from None
 
 
+def numpy_dataset(name: str, x: np.ndarray, y: np.ndarray, uri):
+    """An MLflow dataset of these arrays, its source the URI they were read from (as a URI MLflow
+    can show: a runs:/ URI becomes its artifact location; one it cannot type is kept as a tag),
+    or an MLflow DatasetSource as it is."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    if isinstance(uri, str) and uri.startswith("runs:/"):
+        from mlflow.tracking.artifact_utils import get_artifact_uri
+
+        run_id, _, path = uri.removeprefix("runs:/").partition("/")
+        uri = get_artifact_uri(run_id=run_id, artifact_path=path or DATA_DIR)
+    with warnings.catch_warnings():
+        # A local path matches two equivalent source types in MLflow's registry; it picks one.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        try:
+            return mlflow.data.from_numpy(features=x, targets=y, source=uri, name=name)
+        except mlflow.exceptions.MlflowException:
+            return mlflow.data.from_numpy(features=x, targets=y, source=CodeDatasetSource(tags={"uri": uri}), name=name)
+
+
 def load_data(uri: str) -> CifarData:
     """The data set that download_data wrote, after checking every array against the manifest."""
     folder = resolve_data_dir(uri)
@@ -300,7 +349,8 @@ def load_data(uri: str) -> CifarData:
     except (ValueError, KeyError) as exc:
         raise DataError(f"{manifest_path}: unreadable manifest ({exc})") from None
     arrays = {}
-    for name in ARRAY_NAMES:
+    names = ARRAY_NAMES + (VAL_ARRAY_NAMES if "val_x" in sums else ())
+    for name in names:
         path = folder / f"{name}.npy"
         if not path.is_file():
             raise DataError(f"{path}: missing")
@@ -315,4 +365,5 @@ def load_data(uri: str) -> CifarData:
         digest=manifest["digest"],
         test_digest=manifest["test_digest"],
         source=manifest["source"],
+        val_digest=manifest.get("val_digest", ""),
     )

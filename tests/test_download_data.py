@@ -195,11 +195,12 @@ def test_download_data_logs_everything_a_later_step_needs(archive, tracking_uri)
     assert got.data.params["train_size"] == "100" and got.data.params["test_size"] == "20"
     assert float(got.data.params["mean_r"]) == pytest.approx(manifest["mean"][0], abs=1e-6)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
-    assert artifacts == {f"data/{n}.npy" for n in ("train_x", "train_y", "test_x", "test_y")} | {"data/manifest.json"}
+    assert artifacts == {f"data/{n}.npy" for n in ("train_x", "train_y", "test_x", "test_y", "val_x", "val_y")} | {
+        "data/manifest.json"}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
         "plots/class_distribution.png", "plots/samples.png"}
     inputs = got.inputs.dataset_inputs
-    assert sorted(i.dataset.name for i in inputs) == ["cifar10-test", "cifar10-train"]
+    assert sorted(i.dataset.name for i in inputs) == ["cifar10-test", "cifar10-train", "cifar10-val"]
     # The run's data loads through its runs:/ URI, checksums verified.
     data = D.load_data(f"runs:/{run.info.run_id}/data")
     assert len(data.train_y) == 100 and data.digest == manifest["digest"]
@@ -211,8 +212,34 @@ def test_download_data_synthetic(tracking_uri):
     with mlflow.start_run() as run:
         manifest = download_data("synthetic", train_limit=100)
     data = D.load_data(f"runs:/{run.info.run_id}/data")
-    assert manifest["sizes"] == {"train": 100, "test": 500}
+    # The default 5,000 held out is capped at a tenth of synthetic's 2,000 training images.
+    assert manifest["sizes"] == {"train": 100, "test": 500, "val": 200}
     np.testing.assert_array_equal(data.test_x, D.synthetic()[2])
+    assert len(data.val_y) == 200 and data.val_digest == manifest["val_digest"]
+
+
+def test_validation_split_is_balanced_held_out_and_apart_from_train_limit():
+    x, y, _, _ = D.synthetic(1000, 10)
+    ids = np.arange(len(y))  # stand-ins for the images, to see which ones went where
+    train_ids, train_y, val_ids, val_y = D.validation_split(ids, y, 100)
+    assert np.bincount(val_y).tolist() == [10] * 10
+    assert not set(train_ids) & set(val_ids) and len(train_ids) + len(val_ids) == 1000
+    # train_limit's class-balanced prefix of what is left never reaches the held-out images.
+    kept, _ = D.balanced_subset(train_ids, train_y, 500)
+    assert not set(kept) & set(val_ids)
+    assert len(D.validation_split(ids, y, 0)[2]) == 0
+    with pytest.raises(D.DataError, match="leaves none of the 1000 to train on"):
+        D.validation_split(ids, y, 1000)
+
+
+def test_download_data_val_size_zero_keeps_every_training_image(tracking_uri):
+    import mlflow
+
+    with mlflow.start_run() as run:
+        manifest = download_data("synthetic", val_size=0)
+    data = D.load_data(f"runs:/{run.info.run_id}/data")
+    assert manifest["sizes"] == {"train": 2000, "test": 500, "val": 0}
+    assert len(data.val_y) == 0 and data.val_digest == ""
 
 
 @pytest.mark.slow
@@ -221,7 +248,8 @@ def test_mlflow_run_download_data_and_bad_source(archive, tracking_uri, tmp_path
 
     env = mlflow_run_env(tracking_uri)
     cmd = ["mlflow", "run", str(REPO), "-e", "download_data", "--env-manager", "local"]
-    ok = subprocess.run([*cmd, "-P", f"source={archive}", "-P", "train_limit=50"],
+    # MLproject declares the limits as floats, so 5e1 is as good as 50.
+    ok = subprocess.run([*cmd, "-P", f"source={archive}", "-P", "train_limit=5e1", "-P", "val_size=0"],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "differs from the official" in ok.stderr  # a local copy's MD5 is reported, not rejected
@@ -236,5 +264,5 @@ def test_mlflow_run_download_data_and_bad_source(archive, tracking_uri, tmp_path
     runs = MlflowClient().search_runs(["0"], order_by=["attributes.start_time ASC"])
     assert [r.info.status for r in runs] == ["FINISHED", "FAILED"]
     manifest = json.loads(Path(MlflowClient().download_artifacts(runs[0].info.run_id, "data/manifest.json", str(tmp_path))).read_text())
-    assert manifest["sizes"] == {"train": 50, "test": ROWS}
+    assert manifest["sizes"] == {"train": 50, "test": ROWS, "val": 0}
     assert MlflowClient().list_artifacts(runs[1].info.run_id) == []  # the failed run holds nothing
