@@ -1,11 +1,14 @@
 """The Model Registry side: register a candidate, decide on `champion`, promote and roll back.
 
 Aliases and version tags only; registry stages are deprecated in MLflow 3. `challenger` marks
-the newest version the pipeline registered; `champion` is what serving should use, and moves
-only when a candidate beats it on the same test images, or by hand with `promote`.
+the newest version the pipeline registered; `champion` is what serving should use. It moves
+when a candidate beats it on the same validation images by more than PROMOTION_MARGIN_SE
+standard errors (so two equal models do not swap it on noise), or by hand with `promote`. The
+test set is reported on every version and never decides.
 """
 
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from functools import partial
@@ -25,12 +28,32 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 
 
+# A challenger must beat the champion by this many standard errors of the champion's accuracy
+# on the decision images: two, so that equal models swap it by chance about 2% of the time.
+PROMOTION_MARGIN_SE = 2.0
+
+
 @dataclass(frozen=True)
 class Candidate:
     model: str  # architecture name
     test_accuracy: float
     train_run_id: str
     eval_run_id: str
+    val_accuracy: float | None = None  # None when the data has no validation split
+
+
+@dataclass(frozen=True)
+class Score:
+    """What a version is chosen on: its accuracy on one set of images."""
+    accuracy: float
+    split: str  # "val", or "test" when the data has no validation split
+    digest: str  # of those images: only scores on the same images compare
+    images: int
+
+
+def margin(accuracy: float, images: int) -> float:
+    """PROMOTION_MARGIN_SE standard errors of an accuracy measured on `images` images."""
+    return PROMOTION_MARGIN_SE * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(images, 1))
 
 
 def set_alias(client: MlflowClient, name: str, alias: str, version: int | str, attempts: int = 5,
@@ -73,37 +96,36 @@ def accuracy_on(model_uri: str, test_x: np.ndarray, test_y: np.ndarray) -> float
     return float((logits.argmax(1).numpy() == test_y).mean())
 
 
-def champion_accuracy(client: MlflowClient, name: str, champion, test_digest: str, test_x, test_y) -> float:
-    """The champion's accuracy on the current test set: its recorded figure when it was measured
-    on the same test images, else measured now."""
-    if champion.tags.get("test_digest") == test_digest and "test_accuracy" in champion.tags:
-        return float(champion.tags["test_accuracy"])
-    log.info("champion v%s was evaluated on other test data; evaluating it on this run's test set", champion.version)
-    return accuracy_on(f"models:/{name}/{champion.version}", test_x, test_y)
+def champion_accuracy(champion, name: str, score: Score, x: np.ndarray, y: np.ndarray) -> float:
+    """The champion's accuracy on the decision images: its recorded figure when it was measured on
+    the same images, else measured now."""
+    recorded = champion.tags.get(f"{score.split}_accuracy")
+    if champion.tags.get(f"{score.split}_digest") == score.digest and recorded is not None:
+        return float(recorded)
+    log.info("champion v%s was evaluated on other %s data; evaluating it on these images", champion.version,
+             score.split)
+    return accuracy_on(f"models:/{name}/{champion.version}", x, y)
 
 
-def decide_champion(client: MlflowClient, name: str, version, accuracy: float, test_digest: str,
-                    test_x: np.ndarray, test_y: np.ndarray) -> bool:
-    """Move `champion` to `version` if it beats the current champion on this test set (or there is
-    none). Returns whether it moved; the decision and both numbers go to the log and the tags."""
+def decide_champion(client: MlflowClient, name: str, version, score: Score, x: np.ndarray, y: np.ndarray) -> bool:
+    """Move `champion` to `version` if it beats the current champion on the same images by more
+    than the margin (or there is none). Returns whether it moved; the decision, both numbers and
+    the margin go to the log and the version's `champion_decision` tag."""
     champion = version_or_none(client, name, CHAMPION)
+    on = f"{score.split} accuracy on {score.images} images"
     if champion is None:
-        client.set_model_version_tag(name, version.version, "champion_decision",
-                                     f"promoted: {accuracy:.4f}, no champion before")
-        set_alias(client, name, CHAMPION, version.version)
-        log.info("champion: none yet -> v%s (test accuracy %.4f)", version.version, accuracy)
-        return True
-    best = champion_accuracy(client, name, champion, test_digest, test_x, test_y)
-    moved = accuracy > best
-    client.set_model_version_tag(name, version.version, "champion_decision",
-                                 f"{'promoted' if moved else 'kept'}: {accuracy:.4f} vs champion v{champion.version} {best:.4f}")
+        decision = f"promoted: {score.accuracy:.4f} {on}, no champion before"
+        moved = True
+    else:
+        best = champion_accuracy(champion, name, score, x, y)
+        needed = margin(best, score.images)
+        moved = score.accuracy > best + needed
+        decision = (f"{'promoted' if moved else 'kept'}: {score.accuracy:.4f} vs champion v{champion.version} "
+                    f"{best:.4f} + margin {needed:.4f} ({PROMOTION_MARGIN_SE:g} standard errors), {on}")
+    client.set_model_version_tag(name, version.version, "champion_decision", decision)
     if moved:
         set_alias(client, name, CHAMPION, version.version)
-        log.info("champion: v%s (%.4f) -> v%s (%.4f), better on the same test data",
-                 champion.version, best, version.version, accuracy)
-    else:
-        log.info("champion stays v%s (%.4f); v%s (%.4f) is not better on the same test data, it stays %s",
-                 champion.version, best, version.version, accuracy, CHALLENGER)
+    log.info("v%s: %s", version.version, decision)
     return moved
 
 

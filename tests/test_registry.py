@@ -59,19 +59,29 @@ def test_promote_refuses_missing_version_and_failed_runs(client):
     assert champion(client) == v1  # neither refusal changed anything
 
 
-def test_decide_champion_compares_on_the_same_test_data(client):
-    v1 = add_version(client, accuracy=0.80)
+def test_decide_champion_compares_on_the_same_validation_images_with_a_margin(client):
+    v1 = add_version(client)
+    client.set_model_version_tag(NAME, v1, "val_accuracy", "0.8")
+    client.set_model_version_tag(NAME, v1, "val_digest", "v1")
     x, y = np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64)
     get = lambda v: client.get_model_version(NAME, v)  # noqa: E731
-    assert registry.decide_champion(client, NAME, get(v1), 0.80, "t1", x, y) is True  # no champion yet
-    assert get(v1).tags["champion_decision"] == "promoted: 0.8000, no champion before"
-    worse = add_version(client, accuracy=0.70)
-    assert registry.decide_champion(client, NAME, get(worse), 0.70, "t1", x, y) is False
+    score = lambda accuracy: registry.Score(accuracy, "val", "v1", 5000)  # noqa: E731
+    assert registry.decide_champion(client, NAME, get(v1), score(0.80), x, y) is True  # no champion yet
+    assert get(v1).tags["champion_decision"] == "promoted: 0.8000 val accuracy on 5000 images, no champion before"
+    # Two standard errors of 0.80 on 5,000 images: 2 * sqrt(0.8 * 0.2 / 5000) = 0.0113.
+    assert registry.margin(0.80, 5000) == pytest.approx(0.011314, abs=1e-6)
+    worse = add_version(client)
+    assert registry.decide_champion(client, NAME, get(worse), score(0.70), x, y) is False
+    assert get(worse).tags["champion_decision"] == (
+        "kept: 0.7000 vs champion v1 0.8000 + margin 0.0113 (2 standard errors), val accuracy on 5000 images")
+    # Better, but within the noise of 5,000 images: champion stays.
+    close = add_version(client)
+    assert registry.decide_champion(client, NAME, get(close), score(0.81), x, y) is False
     assert champion(client) == v1
-    assert get(worse).tags["champion_decision"] == "kept: 0.7000 vs champion v1 0.8000"
-    better = add_version(client, accuracy=0.90)
-    assert registry.decide_champion(client, NAME, get(better), 0.90, "t1", x, y) is True
+    better = add_version(client)
+    assert registry.decide_champion(client, NAME, get(better), score(0.82), x, y) is True
     assert champion(client) == better
+    assert get(better).tags["champion_decision"].startswith("promoted: 0.8200 vs champion v1 0.8000 + margin 0.0113")
 
 
 def test_promote_cli_prints_the_move_and_fails_cleanly(client, tracking_uri):
