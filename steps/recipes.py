@@ -2,15 +2,15 @@
 them: train, main and the benchmarks (which run where only torch is installed, as on a GPU
 machine) share them.
 
-Recipes: --recipe names a preset of TrainConfig values (RECIPES): `reference` (the ResNet-9
-recipe: one-cycle, 24 epochs, per-image albumentations), `fast` (for a GPU: fast_net, data and
-augmentation on the device, whitening, EMA, compiled) and `cpu` (fast_net_small within ~15 minutes
-on a 2-core CPU). A recipe's values replace TrainConfig's defaults; an option given explicitly
-still wins over the recipe. The default, `custom`, is no preset: the options as given and
-TrainConfig's defaults for the rest. An option left out, or given as the empty string, is
-"not given"; MLproject's train entry passes "" for every recipe-overridable parameter it was
-not handed, so `mlflow run . -e train -P recipe=cpu -P epochs=6` is the cpu recipe with 6
-epochs.
+Recipes: --recipe names a preset of TrainConfig values (RECIPES), each with its model:
+`reference` (custom_resnet, the ResNet-9 recipe: one-cycle, 24 epochs, per-image
+albumentations), `fast` (fast_net, for a GPU: data and augmentation on the device, whitening,
+EMA, compiled) and `cpu` (fast_net_small within ~15 minutes on a 2-core CPU). `auto`, the
+default, is `fast` where a CUDA device trains and `cpu` elsewhere (choose_recipe). A recipe's
+values replace TrainConfig's defaults; an option given explicitly still wins over the recipe.
+An option left out, or given as `recipe` (MLproject's default for every recipe-overridable
+parameter), is "not given", so `mlflow run . -e train -P recipe=cpu -P epochs=6` is the cpu
+recipe with 6 epochs.
 """
 
 import math
@@ -59,10 +59,9 @@ class TrainConfig:
 # examples over a summed loss, momentum 0.85) and its decay per step about 5x ours (0.002 of
 # the weights at the peak, against 0.8 x 5e-4), with its BatchNorm scales frozen.
 RECIPES: dict[str, dict[str, object]] = {
-    "custom": {},
     # The ResNet-9 reference recipe, spelled out: one-cycle to the peak at epoch 5 of 24,
     # per-image albumentations, peak LR from a range test (max_lr 0).
-    "reference": {"epochs": 24, "batch_size": 512, "max_lr": 0.0, "optimizer": "sgd", "weight_decay": 5e-4,
+    "reference": {"model": "custom_resnet", "epochs": 24, "batch_size": 512, "max_lr": 0.0, "optimizer": "sgd", "weight_decay": 5e-4,
                   "label_smoothing": 0.1, "aug": "reference", "schedule": "one_cycle", "pct_start": 5 / 24,
                   "div_factor": 25.0, "final_div_factor": 1e4, "whiten": False, "ema": 0.0, "compile": False,
                   "low_res": 0, "low_res_pct": 0.0, "whiten_bias_epochs": 0, "freeze_bn_scale": False,
@@ -91,14 +90,51 @@ RECIPES: dict[str, dict[str, object]] = {
 }
 
 
+AUTO = "auto"  # the recipe that fits the device: choose_recipe
+# Recipes made for a GPU: on a CPU they take hours (fast compiles its step, reference trains a
+# 6.5M-parameter network for 24 epochs), so train and main warn before they start there.
+GPU_RECIPES = ("fast", "reference")
+
+
+def _preset(recipe: str) -> dict[str, object]:
+    try:
+        return RECIPES[recipe]
+    except KeyError:
+        raise StepError(f"unknown recipe {recipe!r}; known: {', '.join((AUTO, *RECIPES))}") from None
+
+
+def choose_recipe(recipe: str, device: str = "auto") -> tuple[str, str]:
+    """(the recipe to train, why): a named one as it is; for auto, `fast` when training runs on
+    CUDA (device auto and a CUDA device present, or device cuda) and `cpu` otherwise."""
+    if recipe != AUTO:
+        _preset(recipe)
+        return recipe, f"named: {recipe}"
+    if device == "auto":
+        cuda = torch.cuda.is_available()
+        why = "a CUDA device is present" if cuda else "no CUDA device: torch.cuda.is_available() is False"
+    else:
+        cuda = device.startswith("cuda")
+        why = f"device {device}"
+    return ("fast" if cuda else "cpu"), why
+
+
+def recipe_model(recipe: str) -> str:
+    """The architecture a recipe is made for."""
+    return str(_preset(recipe).get("model", TrainConfig.model))
+
+
+def gpu_warning(recipe: str, device_type: str) -> str | None:
+    """A line to warn with before a GPU recipe starts on a CPU, else None."""
+    if recipe in GPU_RECIPES and device_type != "cuda":
+        return (f"recipe {recipe} is made for a GPU and takes hours on this CPU; -P recipe=cpu (or auto) "
+                "is the one for a CPU")
+    return None
+
+
 def resolve_config(recipe: str, given: dict[str, object]) -> TrainConfig:
     """TrainConfig from the recipe's values, overridden by every option in `given` that is not
     None (None = not given). Unknown field names are a programming error, not a user's."""
-    try:
-        preset = RECIPES[recipe]
-    except KeyError:
-        raise StepError(f"unknown recipe {recipe!r}; known: {', '.join(RECIPES)}") from None
-    return TrainConfig(**{**preset, **{k: v for k, v in given.items() if v is not None}})
+    return TrainConfig(**{**_preset(recipe), **{k: v for k, v in given.items() if v is not None}})
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -377,14 +377,14 @@ def test_a_low_res_epoch_feeds_the_model_downscaled_channels_last_images():
 def test_recipe_beats_default_and_an_explicit_option_beats_the_recipe():
     from steps.recipes import RECIPES, TrainConfig, resolve_config
 
-    assert resolve_config("custom", {"epochs": None}) == TrainConfig()
     cpu = resolve_config("cpu", {"epochs": None, "whiten": None})
     assert (cpu.model, cpu.epochs, cpu.batch_size, cpu.aug, cpu.whiten, cpu.ema, cpu.low_res) == (
         "fast_net_small", 9, 128, "flip_translate", True, 0.99, 24)
     # Explicit wins even where it equals TrainConfig's default.
     mixed = resolve_config("cpu", {"epochs": 3, "batch_size": TrainConfig.batch_size, "whiten": False})
     assert (mixed.epochs, mixed.whiten, mixed.ema) == (3, False, 0.99)
-    assert resolve_config("reference", {}) == TrainConfig()  # today's defaults, spelled out
+    # TrainConfig's defaults are the reference recipe's, spelled out, for its own model.
+    assert resolve_config("reference", {}) == TrainConfig(model="custom_resnet")
     for name in RECIPES:  # every recipe is a valid config
         from steps.recipes import validate
         validate(resolve_config(name, {}))
@@ -406,7 +406,27 @@ def test_cli_treats_the_empty_string_as_not_given(monkeypatch):
     assert (cfg.epochs, cfg.batch_size, cfg.whiten, cfg.compile, cfg.ema, cfg.low_res, cfg.low_res_pct,
             cfg.whiten_bias_epochs, cfg.test_every, seen["recipe"]) == (9, 256, True, False, 0.0, 24, 0.4, 2, 3, "cpu")
     result = CliRunner().invoke(train_step.cli, ["--data", "d", "--recipe", "turbo"])
-    assert result.exit_code != 0 and "unknown recipe 'turbo'; known: custom, reference, fast, cpu" in result.output
+    assert result.exit_code != 0 and "unknown recipe 'turbo'; known: auto, reference, fast, cpu" in result.output
+    # auto: the recipe that fits the device train will use, logged with the reason.
+    result = CliRunner().invoke(train_step.cli, ["--data", "d", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert seen["recipe"] == "cpu" and seen["cfg"].model == "fast_net_small"
+
+
+def test_each_recipe_names_its_model_and_auto_fits_the_device(monkeypatch):
+    from steps.recipes import choose_recipe, gpu_warning, recipe_model
+
+    assert [recipe_model(r) for r in ("reference", "fast", "cpu")] == ["custom_resnet", "fast_net", "fast_net_small"]
+    assert choose_recipe("auto", "cuda:0") == ("fast", "device cuda:0")
+    assert choose_recipe("auto", "cpu") == ("cpu", "device cpu")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert choose_recipe("auto") == ("cpu", "no CUDA device: torch.cuda.is_available() is False")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert choose_recipe("auto") == ("fast", "a CUDA device is present")
+    assert choose_recipe("reference", "cpu") == ("reference", "named: reference")
+    # A GPU recipe on a CPU warns; the CPU recipe, or any recipe on CUDA, does not.
+    assert "made for a GPU" in gpu_warning("fast", "cpu") and "made for a GPU" in gpu_warning("reference", "cpu")
+    assert gpu_warning("cpu", "cpu") is None and gpu_warning("fast", "cuda") is None
 
 
 def test_mlproject_train_entry_passes_every_config_field():
