@@ -38,11 +38,24 @@ def checkpoint_interval() -> float:
     return seconds
 
 
-def checkpoint_key(cfg: TrainConfig, data_digest: str) -> str:
-    """Same config on the same data, same key: the rerun of a command finds its checkpoint.
-    Device and precision are left out, so a run may resume on other hardware."""
-    blob = json.dumps({"config": asdict(cfg), "data_digest": data_digest}, sort_keys=True)
+def checkpoint_key(cfg: TrainConfig, data_digest: str, code: str, tracking_uri: str) -> str:
+    """Same config on the same data with the same code and tracking store, same key: the rerun
+    of a command finds its checkpoint, and nothing else does (weights of older code, or a run of
+    another store, which could not hold the resumed run's history). Device and precision are
+    left out, so a run may resume on other hardware."""
+    blob = json.dumps({"config": asdict(cfg), "data_digest": data_digest, "code": code,
+                       "store": store_identity(tracking_uri)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def store_identity(tracking_uri: str) -> str:
+    """The tracking URI with a relative local path made absolute: `sqlite:///mlflow.db` in two
+    folders is two stores."""
+    if tracking_uri.startswith("sqlite:///"):
+        return "sqlite:///" + str(Path(tracking_uri.removeprefix("sqlite:///")).resolve())
+    if "://" not in tracking_uri and tracking_uri != "databricks":  # a plain folder of runs
+        return str(Path(tracking_uri).resolve())
+    return tracking_uri
 
 
 def read_checkpoint(path: Path, key: str) -> dict:

@@ -162,7 +162,10 @@ def test_a_torn_or_foreign_checkpoint_is_refused_with_its_path(synthetic_data_di
 
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path))
     cfg = TrainConfig(epochs=1, batch_size=50, max_lr=0.1, aug="none")
-    path = tmp_path / checkpoint_key(cfg, load_data(str(synthetic_data_dir)).digest) / "last.pt"
+    from steps.code_version import code_version
+
+    key = checkpoint_key(cfg, load_data(str(synthetic_data_dir)).digest, code_version(), tracking_uri)
+    path = tmp_path / key / "last.pt"
     path.parent.mkdir()
     path.write_bytes(b"PK\x03\x04 not a whole checkpoint")
     with pytest.raises(StepError, match=f"{path}: unreadable checkpoint .*delete it to start over"):
@@ -276,3 +279,47 @@ def test_checkpoints_are_written_once_the_interval_has_passed(synthetic_data_dir
         with pytest.raises(StepError, match=f"CIFAR10_CHECKPOINT_INTERVAL is a number of seconds >= 0 .*got '{bad}'"):
             with mlflow.start_run():
                 train(cfg, str(synthetic_data_dir), device="cpu")
+
+
+def test_a_checkpoint_is_resumed_only_by_the_same_code_and_tracking_store(synthetic_data_dir, tracking_uri, tmp_path,
+                                                                          monkeypatch):
+    """After a fix to the code, or from another tracking store, the rerun of a command trains
+    afresh instead of resuming weights trained by other code, or a run it cannot copy into."""
+    from steps import train as train_step
+
+    monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("CIFAR10_CHECKPOINT_INTERVAL", "0")
+    cfg = TrainConfig(model="fast_net_small", epochs=2, batch_size=50, max_lr=0.05, aug="none")
+    real_save = checkpoints.save_checkpoint
+
+    def save_then_crash(path, state):
+        real_save(path, state)
+        raise Crash("killed after epoch 1")
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        with mlflow.start_run():
+            train(cfg, str(synthetic_data_dir), device="cpu")
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
+
+    def resumed(run) -> bool:
+        return "resumed_from_epoch" in MlflowClient().get_run(run.info.run_id).data.tags
+
+    monkeypatch.setattr(train_step, "code_version", lambda: "the code after a fix")
+    with mlflow.start_run() as other_code:
+        train(cfg, str(synthetic_data_dir), device="cpu")
+    monkeypatch.undo()  # the real code version again, and the checkpoint settings:
+    monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("CIFAR10_CHECKPOINT_INTERVAL", "0")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'another.db'}")
+    try:
+        with mlflow.start_run() as other_store:
+            train(cfg, str(synthetic_data_dir), device="cpu")
+    finally:
+        mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run() as same:
+        train(cfg, str(synthetic_data_dir), device="cpu")
+    assert not resumed(other_code)
+    assert MlflowClient(f"sqlite:///{tmp_path / 'another.db'}").get_run(other_store.info.run_id).data.tags.get(
+        "resumed_from_epoch") is None
+    assert MlflowClient().get_run(same.info.run_id).data.tags["resumed_from_epoch"] == "1"
