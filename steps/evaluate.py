@@ -1,11 +1,15 @@
 """evaluate: a trained model measured on the test set, with the plots to judge it by.
 
-Reads: a train run's weights (its run ID, runs:/<run_id>/weights, any MLflow artifact URI or
-local folder holding state_dict.pt and model_config.json) and the `data/` output of
-download_data. Writes: params model_uri, data, train_run_id, data_digest, model; metrics test_accuracy,
-test_loss, test_accuracy_flip_tta (mirror test-time augmentation) and test_accuracy_tta (mirror
-and one-pixel shifts; both as cifar_models.inference.predict_logits does them; accuracies are
-fractions in [0, 1], the loss is plain cross-entropy); per_class_accuracy.csv; under plots/: per_class_accuracy.png,
+Reads: a trained model (a train run ID, runs:/<run_id>/weights, a logged or registered model
+such as models:/m-<id> or models:/cifar10-classifier@champion, any MLflow artifact URI or local
+folder holding state_dict.pt and model_config.json) and the `data/` output of download_data.
+Writes: params model_uri, data, train_run_id, model_id, data_digest, model; metrics val_accuracy
+and val_loss (on the validation split, when the data has one: what main chooses and promotes
+on), test_accuracy, test_loss, test_accuracy_flip_tta (mirror test-time augmentation) and
+test_accuracy_tta (mirror and one-pixel shifts; both as cifar_models.inference.predict_logits
+does them; accuracies are fractions in [0, 1], the loss is plain cross-entropy), each linked to
+the logged model (model_id) and its data set when the model is one; the sets as dataset inputs;
+per_class_accuracy.csv; under plots/: per_class_accuracy.png,
 confusion_matrix.png, misclassified.png and, when the train run is known, training_curves.png
 (its train and test loss and accuracy per epoch).
 """
@@ -13,20 +17,24 @@ confusion_matrix.png, misclassified.png and, when the train run is known, traini
 import logging
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities import LoggedModelInput
 from mlflow.tracking import MlflowClient
 
 from cifar_models.inference import SPEC_FILE, load_network
 from steps import hardware, loop
-from steps.artifacts import PLOTS_DIR, TEST_ACCURACY_METRIC, WEIGHTS_DIR
-from steps.data import load_data
-from steps.errors import StepError
+from steps.artifacts import MODEL_ID_TAG, PLOTS_DIR, TEST_ACCURACY_METRIC, VAL_ACCURACY_METRIC, WEIGHTS_DIR
+from steps.data import CifarData, load_data, numpy_dataset
+from steps.download_data import data_inputs
+from steps.errors import StepError, first_line
 from steps.options import WHOLE, log_params
+from steps.registry import served_weights_dir
 from steps.plots import bar_chart, confusion_matrix_plot, image_grid, train_curves_plot
 from steps.runtime import step_command
 from steps.train import EPOCH_METRICS
@@ -38,10 +46,19 @@ MISCLASSIFIED_SHOWN = 32
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def resolve_model(model_uri: str) -> tuple[Path, str]:
-    """(local weights folder, train run ID or "" when the URI names no run)."""
+@dataclass(frozen=True)
+class ModelSource:
+    folder: Path  # local weights folder (state_dict.pt, model_config.json)
+    train_run_id: str  # the run that trained it, "" when the URI names none
+    model_id: str  # its LoggedModel (MLflow 3), "" when it is not one
+
+
+def resolve_model(model_uri: str) -> ModelSource:
+    """Where the weights are, and which run and logged model they come from."""
     if RUN_ID.fullmatch(model_uri):
         model_uri = f"runs:/{model_uri}/{WEIGHTS_DIR}"
+    if model_uri.startswith("models:/"):
+        return _registered_or_logged(model_uri)
     run_match = re.match(r"runs:/([0-9a-f]{32})(/|$)", model_uri)
     train_run_id = run_match.group(1) if run_match else ""
     local = Path(model_uri).expanduser()
@@ -51,10 +68,23 @@ def resolve_model(model_uri: str) -> tuple[Path, str]:
         try:
             folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
         except Exception as exc:
-            raise StepError(f"cannot fetch the model from {model_uri}: {exc}") from None
+            raise StepError(f"cannot fetch the model from {model_uri}: {first_line(exc)}") from None
     if not (folder / SPEC_FILE).is_file():
-        raise StepError(f"{model_uri}: no {SPEC_FILE}; give a train run ID or its {WEIGHTS_DIR}/ folder")
-    return folder, train_run_id
+        raise StepError(f"{model_uri}: no {SPEC_FILE}; give a train run ID, its {WEIGHTS_DIR}/ folder or a models:/ URI")
+    model_id = MlflowClient().get_run(train_run_id).data.tags.get(MODEL_ID_TAG, "") if train_run_id else ""
+    return ModelSource(folder, train_run_id, model_id)
+
+
+def _registered_or_logged(model_uri: str) -> ModelSource:
+    """A models:/ URI (a logged model's ID, or a registered name with a version or alias)."""
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+        folder = served_weights_dir(model_uri, Path(tempfile.mkdtemp(prefix="evaluate-model-")))
+    except StepError:
+        raise
+    except Exception as exc:
+        raise StepError(f"cannot fetch the model from {model_uri}: {first_line(exc)}") from None
+    return ModelSource(folder, info.run_id or "", info.model_id or "")
 
 
 def per_class_table(labels: np.ndarray, predictions: np.ndarray, classes: tuple[str, ...]) -> pd.DataFrame:
@@ -84,12 +114,14 @@ def training_curves(train_run_id: str) -> dict[str, tuple[list[int], list[float]
 def evaluate(model_uri: str, data_uri: str, *, batch_size: int = 1024, device: str = "auto") -> dict[str, float]:
     """Evaluate and log to the active MLflow run. Returns the logged metrics."""
     hw = hardware.hardware(device)
-    folder, train_run_id = resolve_model(model_uri)
+    source = resolve_model(model_uri)
+    folder, train_run_id = source.folder, source.train_run_id
     data = load_data(data_uri)
     model, spec = load_network(folder, hw.device)
-    log_params({"model_uri": model_uri, "data": data_uri, "train_run_id": train_run_id, "data_digest": data.digest,
-                       "model": spec.model})
+    log_params({"model_uri": model_uri, "data": data_uri, "train_run_id": train_run_id, "model_id": source.model_id,
+                "data_digest": data.digest, "model": spec.model})
     mlflow.set_tag("data_digest", data.digest)
+    datasets = log_data_inputs(data, data_uri, source.model_id)
     if train_run_id:
         trained_on = MlflowClient().get_run(train_run_id).data.params.get("data_digest")
         if trained_on and trained_on != data.digest:
@@ -104,9 +136,16 @@ def evaluate(model_uri: str, data_uri: str, *, batch_size: int = 1024, device: s
                                          batch_size=batch_size, tta="flip_shift")
     metrics = {TEST_ACCURACY_METRIC: accuracy, "test_loss": loss, "test_accuracy_flip_tta": flip_accuracy,
                "test_accuracy_tta": tta_accuracy}
-    mlflow.log_metrics(metrics)
+    log_linked(metrics, source.model_id, datasets.get("testing"))
     log.info("test accuracy %.4f (flip TTA %.4f, flip+shift TTA %.4f), loss %.4f on %d images", accuracy,
              flip_accuracy, tta_accuracy, loss, len(data.test_y))
+    if len(data.val_y):
+        val_loss, val_accuracy, _ = loop.evaluate(model, data.val_x, data.val_y, spec.mean, spec.std,
+                                                    batch_size=batch_size)
+        val_metrics = {VAL_ACCURACY_METRIC: val_accuracy, "val_loss": val_loss}
+        log_linked(val_metrics, source.model_id, datasets.get("validation"))
+        metrics.update(val_metrics)
+        log.info("validation accuracy %.4f, loss %.4f on %d images", val_accuracy, val_loss, len(data.val_y))
 
     predictions = logits.argmax(1).numpy()
     labels = data.test_y
@@ -135,8 +174,29 @@ def evaluate(model_uri: str, data_uri: str, *, batch_size: int = 1024, device: s
     return metrics
 
 
+def log_data_inputs(data: CifarData, data_uri: str, model_id: str) -> dict[str, object]:
+    """Log the validation and test sets as this run's inputs (linked to the model, when it is a
+    logged one); returns them by context, for the metrics measured on them."""
+    model = LoggedModelInput(model_id) if model_id else None
+    datasets = {}
+    for name, x, y, context in data_inputs(data.train_x[:0], data.train_y[:0], data.val_x, data.val_y,
+                                           data.test_x, data.test_y):
+        datasets[context] = numpy_dataset(name, x, y, data_uri)
+        mlflow.log_input(datasets[context], context=context, model=model)
+    return datasets
+
+
+def log_linked(metrics: dict[str, float], model_id: str, dataset) -> None:
+    """The metrics in this run, and against the logged model and the data set when known."""
+    if model_id:
+        mlflow.log_metrics(metrics, model_id=model_id, dataset=dataset)
+    else:
+        mlflow.log_metrics(metrics)
+
+
 @click.command(help=__doc__)
-@click.option("--model-uri", required=True, help="A train run ID, runs:/<run_id>/weights, an artifact URI or a local folder.")
+@click.option("--model-uri", required=True,
+              help="A train run ID, runs:/<run_id>/weights, models:/<name>@<alias> or models:/<id>, an artifact URI or a local folder.")
 @click.option("--data", "data_uri", required=True, help="download_data's output: a folder or runs:/<run_id>/data.")
 @click.option("--batch-size", default=1024, type=WHOLE, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")

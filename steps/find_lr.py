@@ -3,11 +3,14 @@
 Reads: the `data/` output of download_data (a path or runs:/<run_id>/data). Writes: the test's
 settings as params, metric `suggested_lr` (the LR at the steepest descent of the smoothed
 loss) and plots/lr_range_test.png (smoothed loss against LR, log axis, suggestion marked).
-The model and optimizer are built as train builds them, and restored after the test.
+The network, optimizer, loss and batches are the ones train would use for the same recipe and
+options (steps.training.start_training: whitening, BatchNorm settings, the recipe's optimizer
+with its parameter groups), so the suggestion is for the training that will use it.
 """
 
 import logging
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -15,13 +18,15 @@ import mlflow
 import torch
 from torch import nn
 
-from steps import batches, hardware, lr_range, optim
+from steps import batches, hardware, lr_range
 from steps.artifacts import PLOTS_DIR, SUGGESTED_LR_METRIC
 from steps.augment import POLICIES, build_policy, check_aug
 from steps.data import CifarData, load_data
-from steps.options import WHOLE, log_params
+from steps.options import WHOLE, OrNotGiven, log_params, recipe_param
+from steps.recipes import AUTO, RECIPES, TrainConfig, choose_recipe, resolve_config, validate
 from steps.plots import lr_range_plot
 from steps.runtime import step_command
+from steps.training import start_training
 
 log = logging.getLogger(__name__)
 
@@ -64,42 +69,50 @@ def log_range_test(result: lr_range.RangeTest, label: str) -> None:
         mlflow.log_artifact(str(path), PLOTS_DIR)
 
 
-def find_lr(data_uri: str, model_name: str = "fast_net", *, batch_size: int = 512, optimizer: str = "sgd",
-            weight_decay: float = 5e-4, label_smoothing: float = 0.1, aug: str = "reference",
-            start_lr: float = START_LR, end_lr: float = END_LR, num_iter: int = NUM_ITER, seed: int = 0,
-            device: str = "auto") -> lr_range.RangeTest:
-    """Run the range test and log it to the active MLflow run."""
-    hw = hardware.hardware(device)
+def find_lr(data_uri: str, cfg: TrainConfig, *, start_lr: float = START_LR, end_lr: float = END_LR,
+            num_iter: int = NUM_ITER, device: str = "auto", precision: str = "auto",
+            recipe: str = "none") -> lr_range.RangeTest:
+    """Run the range test on cfg's training setup and log it to the active MLflow run."""
+    validate(cfg)
+    hw = hardware.hardware(device, precision)
     data = load_data(data_uri)
-    log_params({"data": data_uri, "model": model_name, "batch_size": batch_size, "optimizer": optimizer,
-                       "weight_decay": weight_decay, "label_smoothing": label_smoothing, "aug": aug,
-                       "start_lr": start_lr, "end_lr": end_lr, "num_iter": num_iter, "seed": seed,
-                       "data_digest": data.digest})
+    log_params({**asdict(cfg), **recipe_param(recipe), "data": data_uri, "start_lr": start_lr, "end_lr": end_lr,
+                "num_iter": num_iter, "data_digest": data.digest})
     mlflow.set_tag("data_digest", data.digest)
-    model = hardware.build_model(model_name, seed, hw)
-    opt = optim.build_optimizer(optimizer, model, start_lr, weight_decay)
-    result = range_test(model, opt, data, batch_size=batch_size, aug=aug, label_smoothing=label_smoothing,
-                        seed=seed, hw=hw, start_lr=start_lr, end_lr=end_lr, num_iter=num_iter)
-    log_range_test(result, f"{model_name}, {optimizer}")
+    training = start_training(cfg, data, hw)
+    result = range_test(training.model, training.optimizer, data, batch_size=cfg.batch_size, aug=cfg.aug,
+                        label_smoothing=cfg.label_smoothing, seed=cfg.seed, hw=hw, start_lr=start_lr, end_lr=end_lr,
+                        num_iter=num_iter)
+    log_range_test(result, f"{cfg.model}, {cfg.optimizer}")
     return result
 
 
 @click.command(help=__doc__)
 @click.option("--data", "data_uri", required=True, help="download_data's output: a folder or runs:/<run_id>/data.")
-@click.option("--model", default="fast_net", show_default=True, help="Architecture name in cifar_models.")
-@click.option("--batch-size", default=512, type=WHOLE, show_default=True)
-@click.option("--optimizer", default="sgd", show_default=True, help="sgd (Nesterov momentum 0.9), adam, adamw or muon (steps.optim.MuonSGD).")
-@click.option("--weight-decay", default=5e-4, show_default=True)
-@click.option("--label-smoothing", default=0.1, show_default=True)
-@click.option("--aug", default="reference", show_default=True, help=f"Augmentation policy: {', '.join(POLICIES)}.")
+@click.option("--recipe", default=AUTO, show_default=True,
+              help=f"train's preset: {', '.join((AUTO, *RECIPES))}; the test runs on its configuration.")
+# These default to None, "not given": the recipe's value, as for train.
+@click.option("--model", type=OrNotGiven(click.STRING), help="Architecture name in cifar_models; the recipe's when not given.")
+@click.option("--batch-size", type=OrNotGiven(WHOLE), help="The recipe's when not given.")
+@click.option("--optimizer", type=OrNotGiven(click.STRING),
+              help="sgd (Nesterov momentum 0.9), adam, adamw or muon (steps.optim.MuonSGD); the recipe's when not given.")
+@click.option("--weight-decay", type=OrNotGiven(click.FLOAT), help="The recipe's when not given.")
+@click.option("--label-smoothing", type=OrNotGiven(click.FLOAT), help="The recipe's when not given.")
+@click.option("--aug", type=OrNotGiven(click.STRING), help=f"Augmentation policy: {', '.join(POLICIES)}; the recipe's when not given.")
 @click.option("--start-lr", default=START_LR, show_default=True)
 @click.option("--end-lr", default=END_LR, show_default=True)
 @click.option("--num-iter", default=NUM_ITER, type=WHOLE, show_default=True, help="Training steps in the sweep.")
 @click.option("--seed", default=0, type=WHOLE, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-def cli(data_uri: str, model: str, **options) -> None:
+@click.option("--precision", default="auto", show_default=True, help="auto, bf16 or fp32, as for train.")
+def cli(data_uri: str, recipe: str, start_lr: float, end_lr: float, num_iter: int, device: str, precision: str,
+        **given) -> None:
     with step_command():
-        find_lr(data_uri, model, **options)
+        chosen, why = choose_recipe(recipe, device)
+        if chosen != recipe:
+            log.info("recipe %s -> %s (%s)", recipe, chosen, why)
+        find_lr(data_uri, resolve_config(chosen, given), start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
+                device=device, precision=precision, recipe=chosen)
 
 
 if __name__ == "__main__":

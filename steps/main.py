@@ -1,45 +1,49 @@
 """main: the whole pipeline, raw data to a registered model with `champion` decided.
 
 Runs download_data, then for each model find_lr (only when the recipe's max_lr, or the one
-given, is 0), train and evaluate,
-each as its own MLflow run nested under this one and started through the MLflow Projects API
-with this run's environment manager. A step that already finished with the same parameters,
-the same code and the same upstream runs is reused rather than run again. At the end the most
-accurate candidate is registered as a new version of `registered_model` with the alias
+given, is 0), train and evaluate, each as its own MLflow run nested under this one and started
+through the MLflow Projects API with this run's environment manager. A step is reused instead of
+run again only when a finished run of it has every one of its entry point's parameters equal
+(so recipe values left to the recipe match only runs that left them too), the same code and
+the same upstream runs. The candidate with the best validation accuracy is registered as a new
+version of `registered_model` (the LoggedModel its train run logged) with the alias
 `challenger`, and `champion` moves to it only if it beats the current champion on the same
-test images.
+validation images by more than the promotion margin (steps.registry).
+
+recipe `auto` picks `fast` where a CUDA device trains and `cpu` elsewhere; models not given are
+the recipe's own.
 """
 
-import hashlib
 import logging
-import tempfile
+import os
+import shlex
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from functools import cache
 
 import click
 import mlflow
+import yaml
 from mlflow.tracking import MlflowClient
 
 from cifar_models import list_models
 from steps import registry
-from steps.artifacts import DATA_DIR, TEST_ACCURACY_METRIC, WEIGHTS_DIR
+from steps.artifacts import DATA_DIR, MODEL_ID_TAG, TEST_ACCURACY_METRIC, VAL_ACCURACY_METRIC
+from steps.code_version import CODE_TAG, PROJECT_DIR, code_version
 from steps.data import load_data
+from steps.download_data import VAL_SIZE
 from steps.errors import StepError
 from steps.options import WHOLE, OrNotGiven, log_params
 from steps.runtime import ERROR_TAG, step_command
-from steps.recipes import TrainConfig, resolve_config, validate
+from steps.recipes import TrainConfig, choose_recipe, recipe_model, resolve_config, validate
 
 log = logging.getLogger(__name__)
-
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-CODE_TAG = "pipeline.code_version"
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     source: str = "cifar10"  # download_data's source: cifar10, synthetic, or a local copy
-    models: tuple[str, ...] = ("custom_resnet",)  # architectures to train and compare
-    recipe: str = "reference"  # train's preset (steps.recipes.RECIPES): 24 epochs of one-cycle, LR from find_lr
+    models: tuple[str, ...] = ()  # architectures to train and compare; () = the recipe's model
+    recipe: str = "auto"  # train's preset (steps.recipes.RECIPES); auto = fast on CUDA, cpu elsewhere
     # None = the recipe's value; one given here wins over the recipe, for every model.
     epochs: int | None = None
     batch_size: int | None = None
@@ -48,24 +52,35 @@ class PipelineConfig:
     seed: int = 0
     train_limit: int = 0  # class-balanced subset sizes, 0 = all
     test_limit: int = 0
+    val_size: int = VAL_SIZE  # training images held out to choose and promote on; 0 = none (then the test set decides)
     registered_model: str = "cifar10-classifier"
     env_manager: str = "local"  # passed on to every step: children do not inherit it
 
 
-def code_version(root: Path = PROJECT_DIR) -> str:
-    """A hash of the code the steps run. Unlike the git commit MLflow records, it also changes
-    with uncommitted edits, so a reused step really ran this code."""
-    digest = hashlib.sha256()
-    files = [root / "MLproject", *sorted((root / "steps").rglob("*.py")), *sorted((root / "cifar_models").rglob("*.py"))]
-    for path in files:
-        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+@cache
+def entry_point_defaults(entry_point: str) -> dict[str, str]:
+    """The parameters MLproject declares for an entry point, with their defaults ("" when none)."""
+    spec = yaml.safe_load((PROJECT_DIR / "MLproject").read_text())["entry_points"][entry_point]["parameters"]
+    return {name: "" if not isinstance(p, dict) or p.get("default") is None else str(p["default"])
+            for name, p in spec.items()}
+
+
+def all_params(entry_point: str, params: dict[str, object]) -> dict[str, str]:
+    """Every parameter of the entry point: the ones given, the declared defaults for the rest."""
+    unknown = params.keys() - entry_point_defaults(entry_point).keys()
+    if unknown:
+        raise ValueError(f"{entry_point} has no parameter(s) {sorted(unknown)}")
+    return {**entry_point_defaults(entry_point), **{k: str(v) for k, v in params.items()}}
+
+
+def as_logged(params: dict[str, str]) -> dict[str, str]:
+    """The parameters as `mlflow run` logs them: shell-quoted where the shell needs it."""
+    return {k: shlex.quote(v) for k, v in params.items()}
 
 
 def find_finished(client: MlflowClient, experiment_id: str, entry_point: str, params: dict[str, str], code: str):
-    """A finished run of this entry point with these parameters and this code, or None.
-
-    MLflow stores parameters as strings, so the comparison is on strings, exactly as logged."""
+    """A finished run of this entry point with exactly these parameters (every one the entry
+    point declares, as as_logged gives them) and this code, or None."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=(f"tags.`mlflow.project.entryPoint` = '{entry_point}' and tags.`{CODE_TAG}` = '{code}' "
@@ -83,13 +98,17 @@ def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> 
     Returns the run ID; a failed step raises StepError with that step's own message first."""
     client = MlflowClient()
     experiment_id = mlflow.active_run().info.experiment_id
-    params = {k: str(v) for k, v in params.items()}
-    done = find_finished(client, experiment_id, entry_point, params, code)
+    params = all_params(entry_point, params)
+    done = find_finished(client, experiment_id, entry_point, as_logged(params), code)
     if done is not None:
         log.info("%s: reusing finished run %s (same parameters, code %s and inputs)", entry_point, done.info.run_id, code)
         return done.info.run_id
     log.info("%s: starting with %s", entry_point, params)
-    submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point, parameters=params,
+    # The step is put in this run's experiment by ID; an MLFLOW_EXPERIMENT_NAME it inherited
+    # beside that ID makes its `mlflow run` refuse to start ("Specify only one of ...").
+    os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
+    submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point,
+                                    parameters=params,
                                     env_manager=cfg.env_manager, experiment_id=experiment_id, synchronous=False)
     client.set_tag(submitted.run_id, CODE_TAG, code)
     if not submitted.wait():
@@ -104,90 +123,114 @@ def main_options(cfg: PipelineConfig) -> dict[str, object]:
     return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_lr": cfg.max_lr, "aug": cfg.aug}
 
 
-def train_config(model: str, cfg: PipelineConfig) -> TrainConfig:
+def train_config(model: str, recipe: str, cfg: PipelineConfig) -> TrainConfig:
     """The config train will resolve for this model from the recipe and main's options."""
-    return resolve_config(cfg.recipe, {"model": model, **main_options(cfg)})
+    return resolve_config(recipe, {"model": model, **main_options(cfg)})
 
 
-def step_params(model: str, data_uri: str, cfg: PipelineConfig) -> tuple[dict, dict | None]:
+def step_params(model: str, data_uri: str, recipe: str, cfg: PipelineConfig) -> tuple[dict, dict | None]:
     """(train's parameters, find_lr's or None when the resolved recipe has a fixed max_lr).
 
-    train gets the recipe and only the options given to main, so that train resolves them as
-    it would from the command line. Options not given are not passed at all: MLflow stores an
-    empty parameter as its shell quoting (''), which would never compare equal to "" when
-    looking for a run to reuse. find_lr sees the batches training will see: the resolved
-    batch size and augmentation."""
-    given = main_options(cfg)
-    resolved = train_config(model, cfg)
-    train_params = {"data": data_uri, "recipe": cfg.recipe, "model": model, "seed": cfg.seed,
-                    **{k: v for k, v in given.items() if v is not None}}
+    Both get the recipe and only the options given to main, so that they resolve them as train
+    would from the command line, and a run is reused only by a command that left the same
+    options to the recipe (run_step compares every parameter). find_lr so runs the configuration
+    train will train: its optimizer, label smoothing, whitening and BatchNorm settings."""
+    given = {k: v for k, v in main_options(cfg).items() if v is not None}
+    resolved = train_config(model, recipe, cfg)
+    train_params = {"data": data_uri, "recipe": recipe, "model": model, "seed": cfg.seed, **given}
     if resolved.max_lr > 0:
         return train_params, None
-    return train_params, {"data": data_uri, "model": model, "batch_size": resolved.batch_size,
-                          "aug": resolved.aug, "seed": cfg.seed}
+    find_lr_params = {k: v for k, v in train_params.items() if k not in ("max_lr", "epochs")}
+    return train_params, find_lr_params
 
 
-def train_and_evaluate(model: str, data_run: str, cfg: PipelineConfig, code: str) -> registry.Candidate:
+def train_and_evaluate(model: str, data_run: str, recipe: str, cfg: PipelineConfig, code: str) -> registry.Candidate:
     data_uri = f"runs:/{data_run}/{DATA_DIR}"
-    train_params, find_lr_params = step_params(model, data_uri, cfg)
+    train_params, find_lr_params = step_params(model, data_uri, recipe, cfg)
     if find_lr_params is not None:
         train_params["lr_run"] = run_step("find_lr", find_lr_params, cfg, code)
     train_run = run_step("train", train_params, cfg, code)
     eval_run = run_step("evaluate", {"model_uri": train_run, "data": data_uri}, cfg, code)
-    accuracy = MlflowClient().get_run(eval_run).data.metrics[TEST_ACCURACY_METRIC]
-    log.info("%s: test accuracy %.4f (train run %s, evaluate run %s)", model, accuracy, train_run, eval_run)
-    return registry.Candidate(model, accuracy, train_run, eval_run)
+    metrics = MlflowClient().get_run(eval_run).data.metrics
+    candidate = registry.Candidate(model, metrics[TEST_ACCURACY_METRIC], train_run, eval_run,
+                                   metrics.get(VAL_ACCURACY_METRIC))
+    log.info("%s: validation accuracy %s, test accuracy %.4f (train run %s, evaluate run %s)", model,
+             "-" if candidate.val_accuracy is None else f"{candidate.val_accuracy:.4f}",
+             candidate.test_accuracy, train_run, eval_run)
+    return candidate
+
+
+def choose(candidates: list[registry.Candidate]) -> registry.Candidate:
+    """The candidate with the best validation accuracy; the test set decides only when the data
+    has no validation split (val_size 0), and the log says so."""
+    if all(c.val_accuracy is not None for c in candidates):
+        return max(candidates, key=lambda c: c.val_accuracy)
+    log.warning("no validation split (val_size 0): choosing and promoting on the test set, which then "
+                "overstates the chosen model's accuracy")
+    return max(candidates, key=lambda c: c.test_accuracy)
 
 
 def register(best: registry.Candidate, data_run: str, cfg: PipelineConfig) -> tuple[str, bool]:
-    """Log the best candidate as a servable pyfunc model in this run, register it as a new
-    version with `challenger`, and decide on `champion`. Returns (version, became champion)."""
-    from steps.package import log_pyfunc_model
-
+    """Register the model best's train run logged as a new version with `challenger`, and decide
+    on `champion`. Returns (version, became champion)."""
     client = MlflowClient()
     data = load_data(f"runs:/{data_run}/{DATA_DIR}")
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(client.download_artifacts(best.train_run_id, WEIGHTS_DIR, tmp))
-        info = log_pyfunc_model(weights, registered_model_name=cfg.registered_model)
-    version = client.get_model_version(cfg.registered_model, str(info.registered_model_version))
+    model_id = client.get_run(best.train_run_id).data.tags.get(MODEL_ID_TAG)
+    if not model_id:
+        raise StepError(f"train run {best.train_run_id} logged no model (no {MODEL_ID_TAG} tag)")
+    version = mlflow.register_model(f"models:/{model_id}", cfg.registered_model)
     tags = {"test_accuracy": repr(best.test_accuracy), "model": best.model, "data_digest": data.digest,
             "test_digest": data.test_digest, "train_run_id": best.train_run_id, "eval_run_id": best.eval_run_id,
             "data_run_id": data_run, "pipeline_run_id": mlflow.active_run().info.run_id}
+    if best.val_accuracy is not None:
+        tags.update(val_accuracy=repr(best.val_accuracy), val_digest=data.val_digest)
+        score = registry.Score(best.val_accuracy, "val", data.val_digest, len(data.val_y))
+        images = (data.val_x, data.val_y)
+    else:
+        score = registry.Score(best.test_accuracy, "test", data.test_digest, len(data.test_y))
+        images = (data.test_x, data.test_y)
     for key, value in tags.items():
         client.set_model_version_tag(cfg.registered_model, version.version, key, value)
     registry.set_alias(client, cfg.registered_model, registry.CHALLENGER, version.version)
-    log.info("registered %s v%s (%s, test accuracy %.4f) as %s", cfg.registered_model, version.version,
-             best.model, best.test_accuracy, registry.CHALLENGER)
+    log.info("registered %s v%s (%s, model %s, %s accuracy %.4f) as %s", cfg.registered_model, version.version,
+             best.model, model_id, score.split, score.accuracy, registry.CHALLENGER)
     version = client.get_model_version(cfg.registered_model, version.version)
-    moved = registry.decide_champion(client, cfg.registered_model, version, best.test_accuracy,
-                                     data.test_digest, data.test_x, data.test_y)
+    moved = registry.decide_champion(client, cfg.registered_model, version, score, *images)
     return version.version, moved
 
 
 def run_pipeline(cfg: PipelineConfig) -> tuple[str, bool]:
-    unknown = [m for m in cfg.models if m not in list_models()]
-    if unknown or not cfg.models:
-        raise StepError(f"unknown model(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(list_models())}")
-    for model in cfg.models:  # an unknown recipe, or a config train would refuse, stops here, before any step
-        validate(train_config(model, cfg))
-    # None (not given) is logged as "", as mlflow run logged the empty parameter.
-    log_params({k: ",".join(v) if isinstance(v, tuple) else "" if v is None else v for k, v in asdict(cfg).items()})
+    recipe, why = choose_recipe(cfg.recipe)
+    if recipe != cfg.recipe:
+        log.info("recipe %s -> %s (%s)", cfg.recipe, recipe, why)
+    models = cfg.models or (recipe_model(recipe),)
+    unknown = [m for m in models if m not in list_models()]
+    if unknown:
+        raise StepError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}")
+    for model in models:  # an unknown recipe, or a config train would refuse, stops here, before any step
+        validate(train_config(model, recipe, cfg))
+    # Options not given stay as mlflow run logged them; what they resolved to is in the tags.
+    log_params({k: v for k, v in asdict(cfg).items() if v is not None and k != "models"})
+    mlflow.set_tags({"recipe": recipe, "recipe_reason": why, "models": ",".join(models)})
     code = code_version()
     mlflow.set_tag(CODE_TAG, code)
     data_run = run_step("download_data", {"source": cfg.source, "train_limit": cfg.train_limit,
-                                          "test_limit": cfg.test_limit}, cfg, code)
-    candidates = [train_and_evaluate(model, data_run, cfg, code) for model in cfg.models]
-    best = max(candidates, key=lambda c: c.test_accuracy)
+                                          "test_limit": cfg.test_limit, "val_size": cfg.val_size}, cfg, code)
+    candidates = [train_and_evaluate(model, data_run, recipe, cfg, code) for model in models]
+    best = choose(candidates)
     version, moved = register(best, data_run, cfg)
     mlflow.log_metric("best_test_accuracy", best.test_accuracy)
+    if best.val_accuracy is not None:
+        mlflow.log_metric("best_val_accuracy", best.val_accuracy)
     mlflow.set_tags({"registered_version": version, "champion_moved": str(moved).lower()})
     return version, moved
 
 
 @click.command(help=__doc__)
 @click.option("--source", default=PipelineConfig.source, show_default=True)
-@click.option("--models", default=",".join(PipelineConfig.models), show_default=True, help="Comma-separated model names.")
-@click.option("--recipe", default=PipelineConfig.recipe, show_default=True, help="train's preset: reference, cpu, fast or custom.")
+@click.option("--models", type=OrNotGiven(click.STRING), help="Comma-separated model names; the recipe's model when empty.")
+@click.option("--recipe", default=PipelineConfig.recipe, show_default=True,
+              help="train's preset: auto (fast on CUDA, cpu elsewhere), reference, cpu or fast.")
 # Empty = not given: the recipe's value.
 @click.option("--epochs", type=OrNotGiven(WHOLE), help="The recipe's when empty.")
 @click.option("--batch-size", type=OrNotGiven(WHOLE), help="The recipe's when empty.")
@@ -196,10 +239,12 @@ def run_pipeline(cfg: PipelineConfig) -> tuple[str, bool]:
 @click.option("--seed", type=WHOLE, default=PipelineConfig.seed, show_default=True)
 @click.option("--train-limit", type=WHOLE, default=PipelineConfig.train_limit, show_default=True)
 @click.option("--test-limit", type=WHOLE, default=PipelineConfig.test_limit, show_default=True)
+@click.option("--val-size", type=WHOLE, default=PipelineConfig.val_size, show_default=True,
+              help="Training images held out to choose and promote on (0 = none: the test set decides).")
 @click.option("--registered-model", default=PipelineConfig.registered_model, show_default=True)
 @click.option("--env-manager", default=PipelineConfig.env_manager, show_default=True)
-def cli(models: str, **kwargs) -> None:
-    cfg = PipelineConfig(models=tuple(m.strip() for m in models.split(",") if m.strip()), **kwargs)
+def cli(models: str | None, **kwargs) -> None:
+    cfg = PipelineConfig(models=tuple(m.strip() for m in (models or "").split(",") if m.strip()), **kwargs)
     with step_command():
         run_pipeline(cfg)
 

@@ -8,9 +8,10 @@ silently truncating it.
 "0"), before the step starts; MLflow refuses to log a param twice with another value, so a
 step logs its parsed values (1e-07, 0.0) only where the run does not hold them already.
 
-An empty parameter means "not given" (train's recipe-overridable options; see steps.recipes):
-`mlflow run` logs it as '' and a step that resolved it to a value logs that as
-`<name>_resolved`, as the run's own `<name>` cannot be changed any more.
+The word `recipe` (MLproject's default for train's recipe-overridable options, see
+steps.recipes) or an empty parameter means "not given": `mlflow run` logs it as it was given, and
+a step that resolved it to a value logs that as `<name>_resolved`, as the run's own `<name>`
+cannot be changed any more.
 """
 
 import logging
@@ -22,7 +23,8 @@ import mlflow
 log = logging.getLogger(__name__)
 
 
-NOT_GIVEN = ("", "''", '""')  # an empty parameter, and mlflow run's shell quoting of it
+# "the recipe's value", an empty parameter, and mlflow run's shell quoting of the empty one
+NOT_GIVEN = ("recipe", "", "''", '""')
 
 
 class OrNotGiven(click.ParamType):
@@ -83,3 +85,10 @@ def log_params(params: Mapping[str, object]) -> None:
     fresh.update({k: v for k, v in params.items() if k not in logged})
     if fresh:
         mlflow.log_params(fresh)
+
+
+def recipe_param(recipe: str) -> dict[str, str]:
+    """The recipe a step ran, to log: as `recipe_resolved` when the run holds the `auto` that
+    `mlflow run` logged, else as `recipe`."""
+    run = mlflow.get_run(mlflow.active_run().info.run_id)
+    return {"recipe_resolved" if run.data.params.get("recipe") == "auto" else "recipe": recipe}

@@ -6,17 +6,22 @@ find_lr run's `suggested_lr`. Writes: every TrainConfig field as a param, plus d
 train_loss, train_accuracy and lr, test_loss and test_accuracy after the epochs with a test pass
 (every test_every-th and the last), and epoch_seconds (its training and test pass, if any; the
 first epoch holds torch.compile's warm-up, so the others show the steady pace);
-at the end weights/ (state_dict.pt and model_config.json, for evaluate and the registry),
-model_summary.txt and train_seconds (the epochs' sum).
+at the end weights/ (state_dict.pt and model_config.json), model_summary.txt, train_seconds
+(the epochs' sum), and the network as an MLflow LoggedModel `model`, the pyfunc the endpoint
+serves (its ID in the run's tag model_id: what evaluate links its metrics to and main
+registers); the training and test sets as dataset inputs.
 With max_lr 0 and no lr_run, also find_lr's suggested_lr and plots/lr_range_test.png.
 
-The config and the --recipe presets are steps.recipes'. The run logs the recipe name and the
-resolved config as params; a parameter the run already holds as '' (not given, logged so by
-mlflow run) gets its value as <name>_resolved.
+The config and the --recipe presets are steps.recipes'; recipe auto is chosen for the device
+(steps.recipes.choose_recipe), and the log says which and why. The run logs the recipe name and
+the resolved config as params; a parameter the run already holds as not given (`recipe`, logged
+so by mlflow run) gets its value as <name>_resolved, and recipe auto its choice as
+recipe_resolved.
 
 Resuming: after an epoch that ends CIFAR10_CHECKPOINT_INTERVAL seconds (default 60; 0 = after
 every epoch) or more after the last checkpoint, the full training state goes to a checkpoint
-file named by a hash of the config and the data digest. Running the same command again after a
+file named by a hash of the config, the data digest, the code version and the tracking store,
+so a rerun never resumes another code's or another store's training. Running the same command again after a
 crash or kill -9 picks it up, copies the finished epochs' metrics into the new run (so it holds
 each epoch once), tags resumed_from_epoch and resumed_from_run, and carries on. A crash so loses
 at most the interval and one epoch; a run of a few seconds, as the fast recipe's on a GPU, writes
@@ -45,14 +50,16 @@ from tqdm import tqdm
 from cifar_models.inference import ModelSpec, save_network
 from cifar_models.summary import summary
 from steps import batches, checkpoints, hardware, loop, lr_range, schedules
-from steps.artifacts import SUGGESTED_LR_METRIC, SUMMARY, WEIGHTS_DIR
+from steps.artifacts import MODEL_ID_TAG, SUGGESTED_LR_METRIC, SUMMARY, WEIGHTS_DIR
+from steps.code_version import code_version
 from steps.augment import POLICIES
-from steps.data import CifarData, load_data
+from steps.data import CifarData, load_data, numpy_dataset
 from steps.errors import StepError
 from steps import find_lr as find_lr_step
 from steps.find_lr import log_range_test, range_test
-from steps.options import WHOLE, OrNotGiven, log_params
-from steps.recipes import RECIPES, TrainConfig, resolve_config, tests_after, validate
+from steps.options import WHOLE, OrNotGiven, log_params, recipe_param
+from steps.recipes import (AUTO, RECIPES, TrainConfig, choose_recipe, gpu_warning, resolve_config, tests_after,
+                           validate)
 from steps.runtime import retry, step_command
 from steps.training import EVAL_BATCH, Training, start_training, train_epoch, training_set
 
@@ -140,19 +147,24 @@ def resolve_max_lr(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Op
 # --- training ------------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str = "auto",
-          recipe: str = "custom") -> dict[str, float]:
+          recipe: str = "none") -> dict[str, float]:
     """Train, or resume training, under the active MLflow run; log the model. Returns the
     last epoch's metrics. `recipe` is only recorded: cfg is already resolved (resolve_config)."""
     validate(cfg)
     interval = checkpoints.checkpoint_interval()
     hw = hardware.hardware(device, precision)
+    if warning := gpu_warning(recipe, hw.device.type):
+        log.warning(warning)
     data = load_data(data_uri)
-    key = checkpoints.checkpoint_key(cfg, data.digest)
+    key = checkpoints.checkpoint_key(cfg, data.digest, code_version(), mlflow.get_tracking_uri())
     folder = checkpoints.checkpoint_root() / key
     run_id = mlflow.active_run().info.run_id
-    log_params({**asdict(cfg), "recipe": recipe, "data": data_uri, "data_digest": data.digest})
+    log_params({**asdict(cfg), **recipe_param(recipe), "data": data_uri, "data_digest": data.digest})
     mlflow.set_tags({"data_digest": data.digest, "device": str(hw.device), "checkpoint_key": key,
                      "precision": str(hw.autocast or torch.float32).removeprefix("torch.")})
+    for name, x, y, context in (("cifar10-train", data.train_x, data.train_y, "training"),
+                                ("cifar10-test", data.test_x, data.test_y, "testing")):
+        mlflow.log_input(numpy_dataset(name, x, y, data_uri), context=context)
     with checkpoints.exclusive(folder):
         metrics = _train_locked(cfg, data, hw, folder / checkpoints.CHECKPOINT_FILE, key, run_id, interval)
         # A finished run is the record of the training (metrics, weights); the checkpoint was
@@ -245,29 +257,37 @@ def training_state(training: Training, scheduler: torch.optim.lr_scheduler.LRSch
             "ema": training.ema.state_dict() if training.ema is not None else None}
 
 
-def log_model(model: nn.Module, name: str, data: CifarData) -> None:
-    """weights/ (the state_dict and the spec that rebuilds the network) and the summary text."""
+def log_model(model: nn.Module, name: str, data: CifarData) -> str:
+    """weights/ (the state_dict and the spec that rebuilds the network), the summary text, and
+    the served pyfunc as this run's LoggedModel. Returns the LoggedModel's ID."""
+    from steps.package import log_pyfunc_model  # PIL and the pyfunc: only once there is a model
+
     model = model.to(memory_format=torch.contiguous_format)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_network(model, ModelSpec(model=name, mean=data.mean, std=data.std, classes=data.classes),
                               Path(tmp) / WEIGHTS_DIR)
         mlflow.log_artifacts(str(folder), WEIGHTS_DIR)
+        info = log_pyfunc_model(folder)
     mlflow.log_text(summary(model), SUMMARY)
+    mlflow.set_tag(MODEL_ID_TAG, info.model_id)
+    return info.model_id
 
 
 def _default(name: str) -> str:
-    return f"default {getattr(TrainConfig, name)!r}, or the recipe's"
+    return f"the recipe's when not given (TrainConfig's default {getattr(TrainConfig, name)!r})"
 
 
 @click.command(help=__doc__)
 @click.option("--data", "data_uri", required=True, help="download_data's output: a folder or runs:/<run_id>/data.")
-@click.option("--recipe", default="custom", show_default=True, help=f"Preset: {', '.join(RECIPES)}.")
-# The options below default to None, "not given": the recipe's value, else TrainConfig's.
+@click.option("--recipe", default=AUTO, show_default=True,
+              help=f"Preset: {', '.join((AUTO, *RECIPES))}; auto = fast where CUDA trains, cpu elsewhere.")
+# The options below default to None, "not given": the recipe's value.
 @click.option("--model", type=OrNotGiven(click.STRING), help=f"Architecture name in cifar_models; {_default('model')}.")
 @click.option("--epochs", type=OrNotGiven(WHOLE), help=_default("epochs"))
 @click.option("--batch-size", type=OrNotGiven(WHOLE), help=_default("batch_size"))
 @click.option("--max-lr", type=OrNotGiven(click.FLOAT), help=f"Peak LR, 0 = from --lr-run or a range test; {_default('max_lr')}.")
-@click.option("--lr-run", default=TrainConfig.lr_run, help="A find_lr run ID whose suggested_lr to use when max-lr is 0.")
+@click.option("--lr-run", type=OrNotGiven(click.STRING), callback=lambda ctx, param, value: None if value == "none" else value,
+              help="A find_lr run ID whose suggested_lr to use when max-lr is 0; none = a range test in this run.")
 @click.option("--optimizer", type=OrNotGiven(click.STRING), help=f"sgd, adam, adamw or muon; {_default('optimizer')}.")
 @click.option("--weight-decay", type=OrNotGiven(click.FLOAT), help=_default("weight_decay"))
 @click.option("--label-smoothing", type=OrNotGiven(click.FLOAT), help=_default("label_smoothing"))
@@ -290,7 +310,10 @@ def _default(name: str) -> str:
 @click.option("--precision", default="auto", show_default=True, help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32; channels_last always.")
 def cli(data_uri: str, recipe: str, device: str, precision: str, **given) -> None:
     with step_command():
-        train(resolve_config(recipe, given), data_uri, device, precision, recipe)
+        chosen, why = choose_recipe(recipe, device)
+        if chosen != recipe:
+            log.info("recipe %s -> %s (%s)", recipe, chosen, why)
+        train(resolve_config(chosen, given), data_uri, device, precision, chosen)
 
 
 if __name__ == "__main__":

@@ -14,22 +14,22 @@ BASE = {"source": "synthetic", "models": "fast_net", "epochs": "2", "batch_size"
         "train_limit": "200", "test_limit": "100", "aug": "tensor"}
 
 
-def run_main(tmp_path, tracking_uri, **overrides) -> subprocess.CompletedProcess:
-    params = {**BASE, **overrides}
+def run_main(tmp_path, tracking_uri, env: dict | None = None, **overrides) -> subprocess.CompletedProcess:
+    params = {k: v for k, v in {**BASE, **overrides}.items() if v is not None}
     cmd = ["mlflow", "run", str(REPO), "--env-manager", "local"]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
-    env = mlflow_run_env(tracking_uri, CIFAR10_CHECKPOINTS=str(tmp_path / "checkpoints"))
+    env = mlflow_run_env(tracking_uri, CIFAR10_CHECKPOINTS=str(tmp_path / "checkpoints"), **(env or {}))
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
 
 
-def children(client, parent_id: str) -> dict[str, object]:
-    runs = client.search_runs(["0"], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+def children(client, parent_id: str, experiment_id: str = "0") -> dict[str, object]:
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
     return {r.data.tags["mlflow.project.entryPoint"]: r for r in runs}
 
 
-def latest_driver(client):
-    return client.search_runs(["0"], filter_string="tags.`mlflow.project.entryPoint` = 'main'",
+def latest_driver(client, experiment_id: str = "0"):
+    return client.search_runs([experiment_id], filter_string="tags.`mlflow.project.entryPoint` = 'main'",
                               order_by=["attributes.start_time DESC"])[0]
 
 
@@ -46,7 +46,17 @@ def test_pipeline_registers_reuses_and_reports_failures(tmp_path, tracking_uri):
     v1 = client.get_model_version_by_alias(NAME, "champion")
     assert v1.tags["train_run_id"] == steps["train"].info.run_id
     assert float(v1.tags["test_accuracy"]) == pytest.approx(steps["evaluate"].data.metrics["test_accuracy"], abs=1e-6)
+    assert float(v1.tags["val_accuracy"]) == pytest.approx(steps["evaluate"].data.metrics["val_accuracy"], abs=1e-6)
     assert "challenger" in v1.aliases
+    # auto on a machine without CUDA: the cpu recipe, said in the log and recorded.
+    assert "recipe auto -> cpu (no CUDA device" in first.stderr and driver.data.tags["recipe"] == "cpu"
+    assert steps["train"].data.params["recipe"] == "cpu"
+    # MLflow 3's model-centric record: the version is the LoggedModel train logged, and
+    # evaluate's metrics are linked to it.
+    model_id = steps["train"].data.tags["model_id"]
+    assert v1.source == f"models:/{model_id}" and v1.run_id == steps["train"].info.run_id
+    linked = {m.key for m in client.get_logged_model(model_id).metrics}
+    assert {"test_accuracy", "val_accuracy"} <= linked
 
     # The same command again: every step is reused, nothing retrained; a new version is
     # registered and, being no better than the champion on the same test data, stays challenger.
@@ -58,7 +68,15 @@ def test_pipeline_registers_reuses_and_reports_failures(tmp_path, tracking_uri):
     v2 = client.get_model_version_by_alias(NAME, "challenger")
     assert int(v2.version) == int(v1.version) + 1
     assert client.get_model_version_by_alias(NAME, "champion").version == v1.version
-    assert v2.tags["champion_decision"].startswith("kept:")
+    assert v2.tags["champion_decision"].startswith("kept:") and "val accuracy on 200 images" in v2.tags["champion_decision"]
+
+    # The same command without epochs: the recipe's epochs, another training, so the finished
+    # 2-epoch train must not be reused (nor the evaluate of its model).
+    third = run_main(tmp_path, tracking_uri, epochs=None)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "download_data: reusing finished run" in third.stderr
+    assert "train: reusing" not in third.stderr and "evaluate: reusing" not in third.stderr
+    assert set(children(client, latest_driver(client).info.run_id)) == {"train", "evaluate"}
 
     # A step that fails while it runs (a peak LR that diverges, which no check before the
     # run can see): its own message heads the driver's error, and the driver fails.
@@ -79,21 +97,58 @@ def test_unknown_model_is_refused_before_any_step(tmp_path, tracking_uri):
 def test_step_params_pass_the_recipe_and_only_the_options_given():
     from steps.main import PipelineConfig, step_params
 
-    # The reference recipe has no fixed LR: find_lr runs, on training's batch size and policy.
-    train, find_lr = step_params("fast_net", "runs:/d/data", PipelineConfig())
-    assert train == {"data": "runs:/d/data", "recipe": "reference", "model": "fast_net", "seed": 0}
-    assert (find_lr["batch_size"], find_lr["aug"], find_lr["model"]) == (512, "reference", "fast_net")
+    # The reference recipe has no fixed LR: find_lr runs, with the recipe, so on the network,
+    # optimizer and batches train will use.
+    train, find_lr = step_params("custom_resnet", "runs:/d/data", "reference", PipelineConfig())
+    assert train == {"data": "runs:/d/data", "recipe": "reference", "model": "custom_resnet", "seed": 0}
+    assert find_lr == {"data": "runs:/d/data", "recipe": "reference", "model": "custom_resnet", "seed": 0}
     # cpu has its own LR: no find_lr; an option given to main reaches train, the rest do not.
-    train, find_lr = step_params("fast_net", "d", PipelineConfig(recipe="cpu", epochs=1))
+    train, find_lr = step_params("fast_net", "d", "cpu", PipelineConfig(epochs=1))
     assert find_lr is None and train["recipe"] == "cpu" and train["epochs"] == 1
     assert "batch_size" not in train and "max_lr" not in train
-    # max_lr 0 given over a recipe that has one: find_lr, with the recipe's batches.
-    _, find_lr = step_params("fast_net", "d", PipelineConfig(recipe="cpu", max_lr=0.0))
-    assert (find_lr["batch_size"], find_lr["aug"]) == (128, "flip_translate")
+    # max_lr 0 given over a recipe that has one: find_lr on the cpu recipe (Muon, whitening).
+    _, find_lr = step_params("fast_net", "d", "cpu", PipelineConfig(max_lr=0.0, batch_size=256))
+    assert find_lr == {"data": "d", "recipe": "cpu", "model": "fast_net", "seed": 0, "batch_size": 256}
+
+
+def test_reuse_needs_every_parameter_of_the_entry_point_equal(tracking_uri):
+    """A finished run is reused only when all the entry point's parameters match, those left at
+    their defaults included: a run given epochs=1 is no match for a command that left epochs to
+    the recipe, and the reverse."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from steps.main import CODE_TAG, all_params, as_logged, find_finished
+
+    client = MlflowClient()
+    short = all_params("train", {"data": "runs:/d/data", "recipe": "cpu", "model": "fast_net_small", "epochs": 1})
+    full = all_params("train", {"data": "runs:/d/data", "recipe": "cpu", "model": "fast_net_small"})
+    assert full["epochs"] == "recipe" and full["lr_run"] == "none" and len(full) == len(short)
+    with mlflow.start_run(tags={"mlflow.project.entryPoint": "train", CODE_TAG: "c1"}) as run:
+        mlflow.log_params(as_logged(short))
+    assert find_finished(client, "0", "train", as_logged(short), "c1").info.run_id == run.info.run_id
+    assert find_finished(client, "0", "train", as_logged(full), "c1") is None
+    assert find_finished(client, "0", "train", as_logged(short), "other code") is None
+    with pytest.raises(ValueError, match="no parameter"):
+        all_params("train", {"epoch": 1})
+
+
+@pytest.mark.parametrize("variable", ["MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"])
+def test_the_experiment_variables_put_the_whole_pipeline_in_that_experiment(tmp_path, tracking_uri, variable):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment("cifar-team")
+    value = "cifar-team" if variable == "MLFLOW_EXPERIMENT_NAME" else experiment_id
+    result = run_main(tmp_path, tracking_uri, env={variable: value}, epochs=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    driver = latest_driver(client, experiment_id)
+    assert set(children(client, driver.info.run_id, experiment_id)) == {"download_data", "train", "evaluate"}
+    assert client.search_runs(["0"]) == []  # nothing landed in the default experiment
 
 
 @pytest.mark.parametrize("overrides, error", [
-    ({"recipe": "turbo"}, "unknown recipe 'turbo'; known: custom, reference, fast, cpu"),
+    ({"recipe": "turbo"}, "unknown recipe 'turbo'; known: auto, reference, fast, cpu"),
     # The cpu recipe's first epochs are 24x24, which custom_resnet's last pool cannot take.
     ({"recipe": "cpu", "models": "fast_net_small,custom_resnet"}, "custom_resnet cannot take 24x24 images"),
 ])

@@ -42,10 +42,11 @@ def pipeline(tmp_path_factory):
     env = mlflow_run_env(uri, CIFAR10_CHECKPOINTS=str(tmp / "checkpoints"))
     client = MlflowClient(tracking_uri=uri)
 
-    mlflow_run("find_lr", env, tmp, data=data_dir, batch_size=32, num_iter=20, aug="tensor")
+    mlflow_run("find_lr", env, tmp, data=data_dir, recipe="reference", model="fast_net", batch_size=32, num_iter=20,
+               aug="tensor")
     lr_run = only_run(client, "find_lr")
-    train_out = mlflow_run("train", env, tmp, data=data_dir, epochs=EPOCHS, batch_size=32, max_lr=0,
-                           lr_run=lr_run.info.run_id, aug="reference")
+    train_out = mlflow_run("train", env, tmp, data=data_dir, recipe="reference", model="fast_net", epochs=EPOCHS,
+                           batch_size=32, max_lr=0, lr_run=lr_run.info.run_id, aug="reference")
     train_run = only_run(client, "train")
     mlflow_run("evaluate", env, tmp, model_uri=train_run.info.run_id, data=data_dir)
     return {"client": client, "tmp": tmp, "data_dir": data_dir, "lr_run": lr_run, "train_run": train_run,
@@ -76,14 +77,20 @@ def test_train_takes_the_suggestion_and_logs_each_epoch_once(pipeline):
     params = run.data.params
     assert float(params["max_lr_used"]) == pipeline["lr_run"].data.metrics["suggested_lr"]
     assert params["max_lr_source"] == f"find_lr run {pipeline['lr_run'].info.run_id}"
-    assert params["epochs"] == str(EPOCHS) and params["recipe"] == "custom"
-    # Not passed to mlflow run: logged by it as '' (not given), resolved by train as <name>_resolved.
-    assert params["model"] == "''" and params["model_resolved"] == "fast_net" and params["optimizer_resolved"] == "sgd"
+    assert params["epochs"] == str(EPOCHS) and params["recipe"] == "reference"
+    # Not passed to mlflow run: logged by it as `recipe` (not given), resolved by train as <name>_resolved.
+    assert params["optimizer"] == "recipe" and params["optimizer_resolved"] == "sgd"
+    assert params["whiten"] == "recipe" and params["whiten_resolved"] == "False"
     assert params["data_digest"] == pipeline["lr_run"].data.params["data_digest"]
     for name in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "lr"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(1, EPOCHS + 1))
     assert artifacts(client, run.info.run_id) == {"weights/state_dict.pt", "weights/model_config.json",
                                                   "model_summary.txt"}
+    # The network is also the run's LoggedModel, the pyfunc the endpoint serves, and the run
+    # records the sets it trained and tested on.
+    logged = client.get_logged_model(run.data.tags["model_id"])
+    assert logged.source_run_id == run.info.run_id and logged.name == "model"
+    assert sorted(i.dataset.name for i in run.inputs.dataset_inputs) == ["cifar10-test", "cifar10-train"]
     summary_path = client.download_artifacts(run.info.run_id, "model_summary.txt", str(pipeline["tmp"]))
     assert "Total params: 1,972,792" in open(summary_path).read()
     assert "epoch 2/2: train loss" in pipeline["train_stderr"]  # one plain line per epoch off a terminal
@@ -114,12 +121,12 @@ def test_evaluate_logs_metrics_tables_and_plots(pipeline):
 # --- in-process edges ------------------------------------------------------------------------------------
 
 def test_evaluate_resolves_run_ids_and_local_folders(tmp_path):
-    from steps.evaluate import resolve_model
+    from steps.evaluate import ModelSource, resolve_model
     from steps.errors import StepError
 
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "model_config.json").write_text("{}")
-    assert resolve_model(str(tmp_path / "w")) == (tmp_path / "w", "")
+    assert resolve_model(str(tmp_path / "w")) == ModelSource(tmp_path / "w", "", "")
     with pytest.raises(StepError, match="no model_config.json"):
         resolve_model(str(tmp_path))
 
@@ -160,3 +167,30 @@ def test_first_line_skips_leading_blank_lines():
 
     assert first_line(StepError("\n\n  disk full  \nmore")) == "disk full"
     assert first_line(StepError()) == ""
+
+
+def test_find_lr_tests_the_configuration_train_will_use(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch):
+    """find_lr with the cpu recipe sweeps the whitened network with the recipe's optimizer
+    (Muon on the conv filters), label smoothing and batch size, as train would build them."""
+    from mlflow.tracking import MlflowClient
+
+    from steps import find_lr as find_lr_step
+    from steps.optim import MuonSGD
+
+    seen = {}
+    real = find_lr_step.range_test
+
+    def spy(model, optimizer, data, **kwargs):
+        seen.update(model=model, optimizer=optimizer, **kwargs)
+        return real(model, optimizer, data, **{**kwargs, "num_iter": 5})
+
+    monkeypatch.setattr(find_lr_step, "range_test", spy)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(find_lr_step.cli, ["--data", str(synthetic_data_dir), "--recipe", "cpu",
+                                                   "--batch-size", "32", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert isinstance(seen["optimizer"], MuonSGD) and not seen["model"].whiten.weight.requires_grad
+    assert (seen["batch_size"], seen["label_smoothing"], seen["aug"]) == (32, 0.2, "flip_translate")
+    [run] = MlflowClient().search_runs(["0"])
+    assert (run.data.params["optimizer"], run.data.params["whiten"], run.data.params["model"]) == (
+        "muon", "True", "fast_net_small")
