@@ -80,7 +80,10 @@ def find_finished(client: MlflowClient, experiment_id: str, entry_point: str, pa
 
 def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> str:
     """Run one entry point as a child of the active run, or reuse an identical finished one.
-    Returns the run ID; a failed step raises StepError with that step's own message first."""
+    Returns the run ID; a failed step raises StepError with that step's own message first.
+    Stopping main stops the step too, and leaves its run KILLED (steps.lifeline)."""
+    from steps.lifeline import wait_or_stop
+
     client = MlflowClient()
     experiment_id = mlflow.active_run().info.experiment_id
     params = {k: str(v) for k, v in params.items()}
@@ -92,7 +95,7 @@ def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> 
     submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point, parameters=params,
                                     env_manager=cfg.env_manager, experiment_id=experiment_id, synchronous=False)
     client.set_tag(submitted.run_id, CODE_TAG, code)
-    if not submitted.wait():
+    if not wait_or_stop(submitted, entry_point):
         tags = client.get_run(submitted.run_id).data.tags
         reason = tags.get(ERROR_TAG, "see the step's output above")
         raise StepError(f"{entry_point} failed: {reason} (run {submitted.run_id}); run main again to resume from this step")
