@@ -82,7 +82,7 @@ def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> 
     """Run one entry point as a child of the active run, or reuse an identical finished one.
     Returns the run ID; a failed step raises StepError with that step's own message first.
     Stopping main stops the step too, and leaves its run KILLED (steps.lifeline)."""
-    from steps.lifeline import wait_or_stop
+    from steps.lifeline import name_main, wait_or_stop
 
     client = MlflowClient()
     experiment_id = mlflow.active_run().info.experiment_id
@@ -92,6 +92,7 @@ def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> 
         log.info("%s: reusing finished run %s (same parameters, code %s and inputs)", entry_point, done.info.run_id, code)
         return done.info.run_id
     log.info("%s: starting with %s", entry_point, params)
+    name_main()
     submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point, parameters=params,
                                     env_manager=cfg.env_manager, experiment_id=experiment_id, synchronous=False)
     client.set_tag(submitted.run_id, CODE_TAG, code)

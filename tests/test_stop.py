@@ -6,6 +6,8 @@ left its train step training on, holding the checkpoint lock a rerun needs."""
 import os
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -13,9 +15,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from steps import engine
+from steps.lifeline import MAIN_ENV, start_time
 from tests.conftest import REPO, mlflow_run_env
-
-pytestmark = pytest.mark.slow
 
 # Small and quick: main is stopped as soon as train has checkpointed its first epoch (one every
 # epoch, CIFAR10_CHECKPOINT_INTERVAL 0). Ten epochs, so that a step left running is still running
@@ -89,10 +90,33 @@ def wait_until_stopped(tmp_path: Path, client: MlflowClient) -> tuple[dict[int, 
         time.sleep(0.5)
 
 
+@pytest.mark.slow
+def test_kill_9_of_mains_process_group_stops_its_step_and_a_rerun_resumes(tmp_path, tracking_uri, no_orphans):
+    client = MlflowClient()
+    cmd, env, main = start_main(tmp_path, tracking_uri, tmp_path / "first.log")
+    try:
+        killed_at = wait_for_epoch(tmp_path, main)
+    finally:
+        os.killpg(main.pid, signal.SIGKILL)  # as `kill -9 -PGID`, or a terminal closed hard
+        main.wait()
+
+    left, status = wait_until_stopped(tmp_path, client)
+    assert left == {}, f"still running {STOP_S} s after main was killed: {left}"
+    assert status == "KILLED"
+
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    killed, resumed = train_runs(client)
+    assert int(resumed.data.tags["resumed_from_epoch"]) >= killed_at
+    assert resumed.data.tags["resumed_from_run"] == killed.info.run_id
+    assert resumed.info.status == "FINISHED"
+
+
 # Ctrl-C in main's terminal reaches main's whole process group; another process's kill reaches
 # main alone (the `mlflow run` above it then sees main fail).
 @pytest.mark.parametrize("signum, group", [(signal.SIGINT, True), (signal.SIGINT, False), (signal.SIGTERM, False)],
                          ids=["ctrl-c", "sigint-to-main", "sigterm-to-main"])
+@pytest.mark.slow
 def test_a_signal_to_main_stops_its_step(signum, group, tmp_path, tracking_uri, no_orphans):
     client = MlflowClient()
     log = tmp_path / "main.log"
@@ -116,3 +140,44 @@ def test_a_signal_to_main_stops_its_step(signum, group, tmp_path, tracking_uri, 
     errors = [line for line in log.read_text().splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1, log.read_text()[-3000:]
     assert errors[0].startswith(f"Error: stopped by {signum.name}: train (run ") and "KILLED" in errors[0]
+
+
+# A step that watches a main: it trains for 30 s unless stopped.
+STEP = textwrap.dedent("""
+    import time, mlflow
+    from steps.lifeline import watch_main
+    with mlflow.start_run() as run, watch_main(run.info.run_id):
+        print(run.info.run_id, flush=True)
+        time.sleep({body_s})
+""")
+
+
+@pytest.mark.parametrize("main, body_s, stopped", [
+    (None, 1, False),  # run by hand: not watched
+    ("live", 3, False),  # its main lives on
+    ("reused", 30, True),  # main's pid, now another process's (its start time differs)
+    ("gone", 30, True),
+])
+def test_a_step_stops_itself_when_its_main_is_gone(main, body_s, stopped, tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if k != MAIN_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    me = os.getpid()
+    if main is not None:
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        env[MAIN_ENV] = {"live": f"{me}:{start_time(me)}", "reused": f"{me}:{int(start_time(me)) - 1}",
+                         "gone": f"{gone.pid}:1"}[main]
+    started = time.monotonic()
+    # Its own session, as MLflow starts a step: the process group it kills is its own.
+    step = subprocess.run([sys.executable, "-c", STEP.format(body_s=body_s)], env=env, capture_output=True,
+                          text=True, timeout=120, start_new_session=True)
+    run_id = step.stdout.split()[0]
+    status = MlflowClient().get_run(run_id).info.status
+    if stopped:
+        assert step.returncode == -signal.SIGKILL and status == "KILLED", step.stderr[-2000:]
+        assert time.monotonic() - started < body_s
+        assert "main (pid " in step.stderr and "is gone: stopping this step" in step.stderr
+    else:
+        assert step.returncode == 0 and status == "FINISHED", step.stderr[-2000:]
