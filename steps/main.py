@@ -32,6 +32,7 @@ from steps.code_version import CODE_TAG, PROJECT_DIR, code_version
 from steps.data import load_data
 from steps.download_data import VAL_SIZE
 from steps.errors import StepError
+from steps.lifeline import name_main, wait_or_stop
 from steps.options import WHOLE, OrNotGiven, log_params
 from steps.runtime import ERROR_TAG, step_command
 from steps.recipes import TrainConfig, choose_recipe, recipe_model, resolve_config, validate
@@ -95,7 +96,8 @@ def find_finished(client: MlflowClient, experiment_id: str, entry_point: str, pa
 
 def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> str:
     """Run one entry point as a child of the active run, or reuse an identical finished one.
-    Returns the run ID; a failed step raises StepError with that step's own message first."""
+    Returns the run ID; a failed step raises StepError with that step's own message first.
+    Stopping main stops the step too, and leaves its run KILLED (steps.lifeline)."""
     client = MlflowClient()
     experiment_id = mlflow.active_run().info.experiment_id
     params = all_params(entry_point, params)
@@ -107,11 +109,11 @@ def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> 
     # The step is put in this run's experiment by ID; an MLFLOW_EXPERIMENT_NAME it inherited
     # beside that ID makes its `mlflow run` refuse to start ("Specify only one of ...").
     os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
-    submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point,
-                                    parameters=params,
+    name_main()
+    submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point, parameters=params,
                                     env_manager=cfg.env_manager, experiment_id=experiment_id, synchronous=False)
     client.set_tag(submitted.run_id, CODE_TAG, code)
-    if not submitted.wait():
+    if not wait_or_stop(submitted, entry_point):
         tags = client.get_run(submitted.run_id).data.tags
         reason = tags.get(ERROR_TAG, "see the step's output above")
         raise StepError(f"{entry_point} failed: {reason} (run {submitted.run_id}); run main again to resume from this step")

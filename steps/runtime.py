@@ -14,6 +14,7 @@ import click
 import mlflow
 
 from steps.errors import StepError, first_line
+from steps.lifeline import watch_main
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,12 @@ def check_tracking_store(timeout_s: float = 5.0) -> None:
 def step_command() -> Iterator[mlflow.ActiveRun]:
     """Run the body inside an MLflow run (the one `mlflow run` created, when there is one).
 
-    A StepError ends the run FAILED and leaves the process with its message on one line."""
+    A StepError ends the run FAILED and leaves the process with its message on one line. A step
+    that main started ends, its run KILLED, when main does (steps.lifeline)."""
     setup_logging()
     try:
         check_tracking_store()
-        with mlflow.start_run() as run:
+        with mlflow.start_run() as run, watch_main(run.info.run_id):
             log.info("MLflow run %s (tracking store %s)", run.info.run_id, mlflow.get_tracking_uri())
             try:
                 yield run
