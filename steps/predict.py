@@ -15,13 +15,10 @@ with `mlflow.pyfunc.spark_udf` of the same model (steps.predict_spark). Both wri
 """
 
 import logging
-import queue
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import click
 import mlflow
@@ -34,7 +31,7 @@ from cifar_models.pyfunc import MAX_IMAGES
 from steps.classify import ERROR_COLUMN, classify, error_rows
 from steps.errors import StepError, first_line
 from steps.options import WHOLE, log_params
-from steps.predict_inputs import Chunk, Source, open_source, read_chunks
+from steps.predict_inputs import Source, open_source, read_chunks
 from steps.predict_output import check_output, result_schema, table_writer
 from steps.runtime import step_command
 
@@ -43,7 +40,6 @@ log = logging.getLogger(__name__)
 CHAMPION_URI = "models:/cifar10-classifier@champion"
 ENGINES = ("local", "spark")
 PROGRESS_EVERY_S = 10  # a plain progress line this often when stderr is not a terminal
-PREFETCH_CHUNKS = 2  # chunks read ahead while one is predicted
 
 
 def load_model(model_uri: str):
@@ -54,43 +50,11 @@ def load_model(model_uri: str):
         raise StepError(f"cannot load model {model_uri}: {first_line(exc)}") from None
 
 
-def prefetched(chunks: Iterator[Chunk], depth: int = PREFETCH_CHUNKS) -> Iterator[Chunk]:
-    """chunks, read by a thread `depth` ahead: file reads, decompression and Parquet decoding
-    release the GIL, so reading overlaps the model's work instead of adding to it."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def read() -> None:
-        try:
-            for chunk in chunks:
-                if stop.is_set():
-                    return
-                slots.put(chunk)
-        except BaseException as exc:  # handed to the consumer, which raises it
-            slots.put(exc)
-            return
-        slots.put(done)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        while (item := slots.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while reader.is_alive():  # let a reader blocked on a full queue see the stop
-            try:
-                slots.get_nowait()
-            except queue.Empty:
-                reader.join(timeout=0.1)
-
-
 def local_results(model, source: Source, batch_size: int) -> Iterator[pd.DataFrame]:
-    """RESULT_COLUMNS and the source's key for every image, one chunk at a time."""
-    for chunk in prefetched(read_chunks(source, batch_size)):
+    """RESULT_COLUMNS and the source's key for every image, one chunk at a time. Chunks are read
+    in this thread: a reader thread ahead of the model measured slower on 2 cores, where it takes
+    time from the forward's threads (benchmarks/README.md, "Batch prediction")."""
+    for chunk in read_chunks(source, batch_size):
         readable = [i for i, error in enumerate(chunk.errors) if error is None]
         rows = classify(model, [chunk.images[i] for i in readable])
         if len(readable) < len(chunk.keys):  # a file that could not be read keeps its place, with its reason

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
-from cifar_models.pyfunc import INPUT_COLUMN, MAX_IMAGES
+from cifar_models.pyfunc import INPUT_COLUMN
 from steps.classify import ERROR_COLUMN, classify, error_rows, image_error
 from steps.errors import StepError
 from steps.predict import CHAMPION_URI, load_model
