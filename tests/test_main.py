@@ -57,6 +57,12 @@ def test_pipeline_registers_reuses_and_reports_failures(tmp_path, tracking_uri):
     assert v1.source == f"models:/{model_id}" and v1.run_id == steps["train"].info.run_id
     linked = {m.key for m in client.get_logged_model(model_id).metrics}
     assert {"test_accuracy", "val_accuracy"} <= linked
+    # evaluate takes the registry's URIs, and knows which run and logged model they name.
+    from steps.evaluate import resolve_model
+
+    champion = resolve_model(f"models:/{NAME}@champion")
+    assert (champion.train_run_id, champion.model_id) == (steps["train"].info.run_id, model_id)
+    assert (champion.folder / "state_dict.pt").is_file()
 
     # The same command again: every step is reused, nothing retrained; a new version is
     # registered and, being no better than the champion on the same test data, stays challenger.
