@@ -37,10 +37,15 @@ def test_pipeline_registers_reuses_and_reports_failures(tmp_path, tracking_uri):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
-    first = run_main(tmp_path, tracking_uri)
+    # MLFLOW_EXPERIMENT_ID, as MLflow documents it, puts the parent and every step in that
+    # experiment (the test below does the same for MLFLOW_EXPERIMENT_NAME).
+    team = client.create_experiment("cifar-team")
+    env = {"MLFLOW_EXPERIMENT_ID": team}
+    first = run_main(tmp_path, tracking_uri, env)
     assert first.returncode == 0, first.stderr[-3000:]
-    driver = latest_driver(client)
-    steps = children(client, driver.info.run_id)
+    assert client.search_runs(["0"]) == []  # nothing landed in the default experiment
+    driver = latest_driver(client, team)
+    steps = children(client, driver.info.run_id, team)
     assert set(steps) == {"download_data", "train", "evaluate"}  # no find_lr: max_lr was given
     assert all(r.info.status == "FINISHED" for r in steps.values())
     v1 = client.get_model_version_by_alias(NAME, "champion")
@@ -66,11 +71,11 @@ def test_pipeline_registers_reuses_and_reports_failures(tmp_path, tracking_uri):
 
     # The same command again: every step is reused, nothing retrained; a new version is
     # registered and, being no better than the champion on the same test data, stays challenger.
-    second = run_main(tmp_path, tracking_uri)
+    second = run_main(tmp_path, tracking_uri, env)
     assert second.returncode == 0, second.stderr[-3000:]
     for step in ("download_data", "train", "evaluate"):
         assert f"{step}: reusing finished run" in second.stderr
-    assert children(client, latest_driver(client).info.run_id) == {}
+    assert children(client, latest_driver(client, team).info.run_id, team) == {}
     v2 = client.get_model_version_by_alias(NAME, "challenger")
     assert int(v2.version) == int(v1.version) + 1
     assert client.get_model_version_by_alias(NAME, "champion").version == v1.version
@@ -78,20 +83,20 @@ def test_pipeline_registers_reuses_and_reports_failures(tmp_path, tracking_uri):
 
     # The same command without epochs: the recipe's epochs, another training, so the finished
     # 2-epoch train must not be reused (nor the evaluate of its model).
-    third = run_main(tmp_path, tracking_uri, epochs=None)
+    third = run_main(tmp_path, tracking_uri, env, epochs=None)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "download_data: reusing finished run" in third.stderr
     assert "train: reusing" not in third.stderr and "evaluate: reusing" not in third.stderr
-    assert set(children(client, latest_driver(client).info.run_id)) == {"train", "evaluate"}
+    assert set(children(client, latest_driver(client, team).info.run_id, team)) == {"train", "evaluate"}
 
     # A step that fails while it runs (a peak LR that diverges, which no check before the
     # run can see): its own message heads the driver's error, and the driver fails.
-    bad = run_main(tmp_path, tracking_uri, max_lr="1e6")
+    bad = run_main(tmp_path, tracking_uri, env, max_lr="1e6")
     assert bad.returncode != 0
     errors = [line for line in bad.stderr.splitlines() if line.startswith("Error: train failed:")]
     assert len(errors) == 1 and "training loss became" in errors[0] and "lower max_lr" in errors[0]
     assert "download_data: reusing finished run" in bad.stderr  # it picked up after the finished step
-    assert latest_driver(client).info.status == "FAILED"
+    assert latest_driver(client, team).info.status == "FAILED"
 
 
 def test_unknown_model_is_refused_before_any_step(tmp_path, tracking_uri):
@@ -139,14 +144,14 @@ def test_reuse_needs_every_parameter_of_the_entry_point_equal(tracking_uri):
         all_params("train", {"epoch": 1})
 
 
-@pytest.mark.parametrize("variable", ["MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"])
-def test_the_experiment_variables_put_the_whole_pipeline_in_that_experiment(tmp_path, tracking_uri, variable):
+def test_mlflow_experiment_name_puts_the_whole_pipeline_in_that_experiment(tmp_path, tracking_uri):
+    """It made every step refuse to start ("Specify only one of 'experiment-name' or
+    'experiment-id'"), as main starts them by experiment ID."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     experiment_id = client.create_experiment("cifar-team")
-    value = "cifar-team" if variable == "MLFLOW_EXPERIMENT_NAME" else experiment_id
-    result = run_main(tmp_path, tracking_uri, env={variable: value}, epochs=1)
+    result = run_main(tmp_path, tracking_uri, env={"MLFLOW_EXPERIMENT_NAME": "cifar-team"}, epochs=1)
     assert result.returncode == 0, result.stderr[-3000:]
     driver = latest_driver(client, experiment_id)
     assert set(children(client, driver.info.run_id, experiment_id)) == {"download_data", "train", "evaluate"}
