@@ -99,8 +99,8 @@ def train_curves_plot(curves: dict[str, tuple[Sequence[float], Sequence[float]]]
 
 
 def reliability_plot(panels: Sequence[tuple[str, Reliability, float]], path: Path, title: str) -> Path:
-    """One panel per (name, Reliability, ECE): accuracy against confidence per
-    bin, the diagonal a perfectly calibrated model, and the share of images in each bin below."""
+    """One panel per (name, Reliability, ECE): each bin's accuracy (bars) and mean confidence
+    (dots), the diagonal a perfectly calibrated model, and the share of images in each bin below."""
     fig = Figure(figsize=(5 * len(panels), 5.5))
     for i, (name, r, error) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
@@ -108,8 +108,8 @@ def reliability_plot(panels: Sequence[tuple[str, Reliability, float]], path: Pat
         used = r.counts > 0
         ax.bar(r.edges[:-1][used], r.accuracy[used], width=widths[used], align="edge", color="tab:blue",
                edgecolor="black", linewidth=0.5, label="accuracy")
-        ax.bar(r.edges[:-1][used], (r.confidence - r.accuracy)[used], bottom=r.accuracy[used], width=widths[used],
-               align="edge", color="tab:red", alpha=0.3, label="gap to confidence")
+        centres = (r.edges[:-1] + r.edges[1:]) / 2
+        ax.plot(centres[used], r.confidence[used], "o", color="tab:red", markersize=4, label="mean confidence")
         ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1)
         share = ax.twinx()
         share.step(r.edges[:-1], r.counts / max(r.counts.sum(), 1), where="post", color="tab:gray", linewidth=1)
