@@ -32,6 +32,12 @@ def _f(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def resolved(params: dict[str, str], key: str) -> str:
+    """What train ran with: a value left to the recipe is logged as `recipe`, and what the recipe
+    gave as <key>_resolved (steps.options.recipe_param)."""
+    return params.get(f"{key}_resolved", params[key])
+
+
 def model_card(c: CardInputs) -> str:
     train, evaluate = c.train_run.data, c.eval_run.data
     p, m, em, tags = train.params, train.metrics, evaluate.metrics, evaluate.tags
@@ -49,7 +55,7 @@ def model_card(c: CardInputs) -> str:
         "",
         "## Model and recipe",
         f"- Architecture `{model}`, recipe `{recipe}`: "
-        + ", ".join(f"{k} {p[k]}" for k in RECIPE_PARAMS if k in p) + ".",
+        + ", ".join(f"{k} {resolved(p, k)}" for k in RECIPE_PARAMS if k in p) + ".",
         f"- Data: `{c.data_source}`, digest `{p.get('data_digest', '?')}`.",
         f"- Training: {_f(seconds, 0)} s on {hardware}"
         f" ({train.tags.get('precision', '?')}).",

@@ -156,7 +156,8 @@ def test_model_card_holds_every_section_from_the_recorded_runs():
         return SimpleNamespace(info=SimpleNamespace(run_id=run_id),
                                data=SimpleNamespace(params=params or {}, metrics=metrics or {}, tags=tags or {}))
 
-    train = run("t1", {"model": "fast_net", "recipe": "cpu", "epochs": "10", "data_digest": "abc123"},
+    train = run("t1", {"model": "fast_net", "recipe": "cpu", "epochs": "10", "data_digest": "abc123",
+                       "optimizer": "recipe", "optimizer_resolved": "muon"},
                 {"train_seconds": 321.0}, {"hardware": "Some CPU, 2 cores", "precision": "float32"})
     evaluate = run("e1", metrics={"test_accuracy": 0.9, "test_accuracy_flip_tta": 0.91, "test_accuracy_tta": 0.92,
                                   "val_accuracy": 0.89, "temperature": 1.4, "test_nll": 0.4, "test_nll_calibrated": 0.3,
@@ -168,7 +169,7 @@ def test_model_card_holds_every_section_from_the_recorded_runs():
                           "images": [20, 100, 100], "auroc": [float("nan"), 0.99, 0.5],
                           "accept_rate": [0.95, 0.02, 0.5]})
     card = model_card(CardInputs("cifar10-classifier", "3", train, evaluate, per_class, table, "d1", "p1", "cifar10"))
-    for fragment in ("# cifar10-classifier v3: fast_net, `cpu` recipe", "digest `abc123`", "321 s on Some CPU, 2 cores",
+    for fragment in ("# cifar10-classifier v3: fast_net, `cpu` recipe", "epochs 10, optimizer muon.", "digest `abc123`", "321 s on Some CPU, 2 cores",
                      "| mirror and shift TTA | 0.9200 |", "| accuracy | 0.900 | 0.800 |", "Temperature 1.400",
                      "0.0500 → 0.0100", "Score `energy`", "| noise | 100 | 0.990 | 0.020 |", "train `t1`",
                      "## Intended use and limits"):
