@@ -65,9 +65,10 @@ class Server:
 
 
 def log_model(root: Path, weights_dir: Path, registered_name: str | None = None,
-              alias: str | None = None) -> LoggedModel:
-    """Log the served model from weights_dir into a SQLite store under root (registered and
-    aliased when names are given). Leaves the process's tracking URI as it found it."""
+              alias: str | None = None, calibration_file: Path | None = None) -> LoggedModel:
+    """Log the served model from weights_dir (and calibration_file, when given) into a SQLite
+    store under root (registered and aliased when names are given). Leaves the process's
+    tracking URI as it found it."""
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -76,7 +77,8 @@ def log_model(root: Path, weights_dir: Path, registered_name: str | None = None,
         # Artifacts under root too: by default they would land in ./mlruns of the working directory.
         experiment = mlflow.create_experiment("serving", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
-            info = log_pyfunc_model(weights_dir, registered_model_name=registered_name)
+            info = log_pyfunc_model(weights_dir, registered_model_name=registered_name,
+                                    calibration_file=calibration_file)
         served_uri = info.model_uri
         if registered_name and alias:
             MlflowClient().set_registered_model_alias(registered_name, alias, info.registered_model_version)

@@ -4,7 +4,9 @@
 image bytes (MLflow base64-decodes a column the signature declares `binary`, for both
 `dataframe_split` and `dataframe_records`). Each image is decoded, made RGB and 32x32 by
 `decode_image`, and the batch goes through `predict_logits`, the function `evaluate` uses, so
-the endpoint and the evaluation give the same answer for the same pixels.
+the endpoint and the evaluation give the same answer for the same pixels. The probabilities
+are the calibrated ones and `unknown` flags images that are probably none of the classes, both
+by the model's calibration.json when it has one (cifar_models/calibration.py).
 
 Everything a client can get wrong is answered with `InvalidRequest`, an MlflowException with
 error code INVALID_PARAMETER_VALUE, which the scoring server turns into a 400 whose JSON body
@@ -16,6 +18,7 @@ This module ships with the model (code_paths), so it imports nothing from the tr
 
 import io
 import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -26,12 +29,14 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc.scoring_server import _SERVER_MODEL_PATH
 from PIL import ExifTags, Image
 
+from cifar_models.calibration import Calibration, calibrated_probabilities, unknown_flags
 from cifar_models.inference import load_network, predict_logits
 from cifar_models.preprocess import IMAGE_SIZE
 
 INPUT_COLUMN = "image"
-OUTPUT_COLUMNS = ("label", "class_id", "confidence", "probabilities")
+OUTPUT_COLUMNS = ("label", "class_id", "confidence", "probabilities", "unknown")
 WEIGHTS_ARTIFACT = "weights"  # key of the weights folder in the model's artifacts
+CALIBRATION_ARTIFACT = "calibration"  # key of calibration.json, in models evaluate logged
 
 # Request limits, checked before the expensive work: the row count before any image is
 # opened, and every image's declared size (from its header, read by Image.open without
@@ -268,6 +273,9 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
         if (threads := serving_threads()) is not None:
             torch.set_num_threads(threads)
         self.network, self.spec = load_network(context.artifacts[WEIGHTS_ARTIFACT], device="cpu")
+        path = context.artifacts.get(CALIBRATION_ARTIFACT)
+        # train's own model has none: the raw softmax, and never unknown.
+        self.calibration = Calibration.from_json(Path(path).read_text()) if path else Calibration()
 
     # MLflow reads the annotation of model_input: a DataFrame (one of the types it infers no
     # signature from) keeps it from wrapping predict in type-hint validation, and from warning
@@ -276,17 +284,20 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
                 params: dict | None = None) -> pd.DataFrame:
         images = images_from_input(model_input)
         logits = predict_logits(self.network, images, self.spec.mean, self.spec.std, batch_size=FORWARD_BATCH)
-        return predictions_frame(logits, self.spec.classes)
+        return predictions_frame(logits, self.spec.classes, self.calibration)
 
 
-def predictions_frame(logits: torch.Tensor, classes: tuple[str, ...]) -> pd.DataFrame:
-    """One row per image: label, class_id, confidence (top probability) and the softmax
-    probabilities in class order, computed in float32 as evaluate does."""
-    probabilities = torch.softmax(logits.float(), dim=1)
+def predictions_frame(logits: torch.Tensor, classes: tuple[str, ...],
+                      calibration: Calibration = Calibration()) -> pd.DataFrame:
+    """One row per image: label, class_id, confidence (top probability), the probabilities in
+    class order (softmax of logits / temperature, in float32 as evaluate computes them) and
+    unknown. The label and probabilities are given for an unknown image too: the flag adds."""
+    probabilities = calibrated_probabilities(logits, calibration.temperature)
     confidence, class_id = probabilities.max(dim=1)
     return pd.DataFrame({
         "label": [classes[i] for i in class_id.tolist()],
         "class_id": class_id.numpy().astype(np.int64),
         "confidence": confidence.numpy().astype(np.float64),
         "probabilities": probabilities.tolist(),
+        "unknown": unknown_flags(logits, calibration).numpy().astype(bool),
     })

@@ -36,6 +36,7 @@ def error_rows(errors: list[str]) -> pd.DataFrame:
                          "class_id": pd.array([None] * n, dtype="Int64"),
                          "confidence": pd.Series([float("nan")] * n, dtype="float64"),
                          "probabilities": pd.Series([None] * n, dtype=object),
+                         "unknown": pd.array([None] * n, dtype="boolean"),
                          ERROR_COLUMN: pd.Series(errors, dtype=object)})
 
 
@@ -56,7 +57,9 @@ def classify(model, images: list) -> pd.DataFrame:
             return error_rows([image_error(exc.message)])
         half = len(images) // 2
         return pd.concat([classify(model, images[:half]), classify(model, images[half:])], ignore_index=True)
-    rows = predicted.loc[:, list(OUTPUT_COLUMNS)].reset_index(drop=True)
+    # reindex: a model registered before `unknown` existed gives no such column; it stays null.
+    rows = predicted.reindex(columns=list(OUTPUT_COLUMNS)).reset_index(drop=True)
     rows["class_id"] = rows["class_id"].astype("Int64")
+    rows["unknown"] = rows["unknown"].astype("boolean")
     rows[ERROR_COLUMN] = pd.Series([None] * len(rows), dtype=object)
     return rows

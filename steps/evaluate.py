@@ -7,11 +7,27 @@ Writes: params model_uri, data, train_run_id, model_id, data_digest, model; metr
 and val_loss (on the validation split, when the data has one: what main chooses and promotes
 on), test_accuracy, test_loss, test_accuracy_flip_tta (mirror test-time augmentation) and
 test_accuracy_tta (mirror and one-pixel shifts; both as cifar_models.inference.predict_logits
-does them; accuracies are fractions in [0, 1], the loss is plain cross-entropy), each linked to
-the logged model (model_id) and its data set when the model is one; the sets as dataset inputs;
-per_class_accuracy.csv; under plots/: per_class_accuracy.png,
-confusion_matrix.png, misclassified.png and, when the train run is known, training_curves.png
-(its train and test loss and accuracy per epoch).
+does them; accuracies are fractions in [0, 1], the loss is plain cross-entropy).
+
+Calibration (cifar_models/calibration.py): one temperature fitted by NLL on the validation
+split, images the network never trained on, and measured on the test set, which it was never
+fitted on: test_nll and test_ece (15 bins) before, test_nll_calibrated and test_ece_calibrated
+after, and temperature. Without a validation split (val_size 0) the test set is all there is:
+the figures come from a two-fold cross-fit on it (each half scored by the other half's T) and
+the served temperature is fitted on all of it; the tag calibration_split says which was done.
+The `unknown` flag: the score (max calibrated probability or energy, whichever separates the
+validation images from the synthetic foreign ones better; tag unknown_score) and the threshold
+that accepts ACCEPT_SHARE of the validation images (unknown_threshold;
+unknown_accept_rate_test is the share of test images it accepts), measured against each
+foreign source of steps.ood: ood_auroc_<source> and ood_false_accept_<source> (the share
+of its images not flagged), with both scores' figures in ood.csv.
+
+The served model with that calibration is logged as this run's LoggedModel (its ID in the tag
+calibrated_model_id: what main registers), and every metric is linked to it and to its data
+set; the sets are dataset inputs. Artifacts: calibration.json, ood.csv, per_class_accuracy.csv;
+under plots/: per_class_accuracy.png, confusion_matrix.png, misclassified.png, reliability.png
+(before and after temperature scaling), ood_scores.png and, when the train run is known,
+training_curves.png (its train and test loss and accuracy per epoch).
 """
 
 import logging
@@ -24,24 +40,31 @@ import click
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from mlflow.entities import LoggedModelInput
 from mlflow.tracking import MlflowClient
 
-from cifar_models.inference import SPEC_FILE, load_network
-from steps import hardware, loop
-from steps.artifacts import MODEL_ID_TAG, PLOTS_DIR, TEST_ACCURACY_METRIC, VAL_ACCURACY_METRIC, WEIGHTS_DIR
+from cifar_models.calibration import CALIBRATION_FILE, SCORES, Calibration, ood_scores
+from cifar_models.inference import SPEC_FILE, load_network, predict_logits
+from steps import calibration, hardware, loop
+from steps.artifacts import (CALIBRATED_MODEL_TAG, MODEL_ID_TAG, OOD_CSV, PER_CLASS_CSV, PLOTS_DIR,
+                             TEST_ACCURACY_METRIC, VAL_ACCURACY_METRIC, WEIGHTS_DIR)
 from steps.data import CifarData, load_data, numpy_dataset
 from steps.download_data import data_inputs
 from steps.errors import StepError, first_line
 from steps.options import WHOLE, log_params
 from steps.registry import served_weights_dir
-from steps.plots import bar_chart, confusion_matrix_plot, image_grid, train_curves_plot
+from steps.ood import SYNTHETIC, ood_sources
+from steps.plots import (bar_chart, confusion_matrix_plot, image_grid, reliability_plot, score_histograms,
+                         train_curves_plot)
 from steps.runtime import step_command
 from steps.train import EPOCH_METRICS
 
 log = logging.getLogger(__name__)
 
-PER_CLASS_CSV = "per_class_accuracy.csv"
+# The share of in-distribution images the unknown threshold lets through: 1 in 20 genuine
+# CIFAR-like images flagged is the price of catching foreign ones.
+ACCEPT_SHARE = 0.95
 MISCLASSIFIED_SHOWN = 32
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -84,7 +107,11 @@ def _registered_or_logged(model_uri: str) -> ModelSource:
         raise
     except Exception as exc:
         raise StepError(f"cannot fetch the model from {model_uri}: {first_line(exc)}") from None
-    return ModelSource(folder, info.run_id or "", info.model_id or "")
+    # A registered version is evaluate's calibrated model: its training run is the one that
+    # evaluate run names.
+    run_id = info.run_id or ""
+    trained_by = MlflowClient().get_run(run_id).data.params.get("train_run_id") if run_id else None
+    return ModelSource(folder, trained_by or run_id, info.model_id or "")
 
 
 def per_class_table(labels: np.ndarray, predictions: np.ndarray, classes: tuple[str, ...]) -> pd.DataFrame:
@@ -111,8 +138,78 @@ def training_curves(train_run_id: str) -> dict[str, tuple[list[int], list[float]
     return curves
 
 
+@dataclass(frozen=True)
+class CalibrationFit:
+    temperature: float  # the served one
+    split: str  # what T was fitted on: "validation", or "test_cross_fit" when there is no validation split
+    test_probabilities: np.ndarray  # calibrated, each image by a temperature not fitted on it
+    reference_logits: np.ndarray  # in-distribution images the threshold is set on
+    metrics: dict[str, float]
+
+
+def fit_calibration(test_logits: np.ndarray, test_y: np.ndarray, val_logits: np.ndarray,
+                    val_y: np.ndarray) -> CalibrationFit:
+    """The temperature from the validation split, figures on the test set; a two-fold cross-fit
+    on the test set when there is no validation split (see the module's docstring)."""
+    if len(val_y):
+        temperature = calibration.fit_temperature(val_logits, val_y)
+        per_image, reference = temperature, val_logits
+        split = "validation"
+    else:
+        temperature = calibration.fit_temperature(test_logits, test_y)
+        per_image, reference = calibration.cross_fit_temperatures(test_logits, test_y), test_logits
+        split = "test_cross_fit"
+        log.warning("no validation split: calibration figures from a two-fold cross-fit on the test set; the "
+                    "served temperature and the unknown threshold are fitted on the whole test set, so "
+                    "unknown_accept_rate_test is in-sample")
+    raw = calibration.softmax_per_row(test_logits, 1.0)
+    calibrated = calibration.softmax_per_row(test_logits, per_image)
+    picked = calibrated[np.arange(len(test_y)), test_y]
+    metrics = {"test_nll": calibration.nll(test_logits, test_y), "test_ece": calibration.ece(raw, test_y),
+               "test_nll_calibrated": float(-np.log(np.maximum(picked, 1e-300)).mean()),
+               "test_ece_calibrated": calibration.ece(calibrated, test_y), "temperature": temperature}
+    return CalibrationFit(temperature, split, calibrated, reference, metrics)
+
+
+def scores(logits: np.ndarray, temperature: float, score: str) -> np.ndarray:
+    return ood_scores(torch.as_tensor(logits), temperature, score).numpy()
+
+
+def fit_unknown(fit: CalibrationFit, test_logits: np.ndarray,
+                ood_logits: dict[str, np.ndarray]) -> tuple[Calibration, dict[str, float], pd.DataFrame]:
+    """The score that best separates the reference images from the synthetic foreign ones (AUROC),
+    its threshold accepting ACCEPT_SHARE of the reference images, and the figures on the test set
+    against each foreign source: (calibration, metrics, a table with both scores' figures)."""
+    synthetic = np.concatenate([ood_logits[name] for name in SYNTHETIC])
+    separation = {score: calibration.auroc(scores(fit.reference_logits, fit.temperature, score),
+                                           scores(synthetic, fit.temperature, score)) for score in SCORES}
+    chosen = max(SCORES, key=lambda score: separation[score])  # ties: the first, max_probability
+    rows, thresholds = [], {}
+    for score in SCORES:
+        thresholds[score] = calibration.accept_threshold(scores(fit.reference_logits, fit.temperature, score),
+                                                         ACCEPT_SHARE)
+        inside = scores(test_logits, fit.temperature, score)
+        rows.append({"source": "cifar10_test", "score": score, "images": len(inside), "auroc": float("nan"),
+                     "accept_rate": calibration.accept_rate(inside, thresholds[score])})
+        for name, logits in ood_logits.items():
+            outside = scores(logits, fit.temperature, score)
+            rows.append({"source": name, "score": score, "images": len(outside),
+                         "auroc": calibration.auroc(inside, outside),
+                         "accept_rate": calibration.accept_rate(outside, thresholds[score])})
+    table = pd.DataFrame(rows)
+    mine = table[table["score"] == chosen].set_index("source")
+    metrics = {"unknown_threshold": thresholds[chosen],
+               "unknown_accept_rate_test": float(mine.loc["cifar10_test", "accept_rate"])}
+    for name in ood_logits:
+        metrics[f"ood_auroc_{name}"] = float(mine.loc[name, "auroc"])
+        metrics[f"ood_false_accept_{name}"] = float(mine.loc[name, "accept_rate"])
+    return Calibration(fit.temperature, chosen, thresholds[chosen], ACCEPT_SHARE), metrics, table
+
+
 def evaluate(model_uri: str, data_uri: str, *, batch_size: int = 1024, device: str = "auto") -> dict[str, float]:
     """Evaluate and log to the active MLflow run. Returns the logged metrics."""
+    from steps.package import log_pyfunc_model  # PIL and the pyfunc: only once there is a model
+
     hw = hardware.hardware(device)
     source = resolve_model(model_uri)
     folder, train_run_id = source.folder, source.train_run_id
@@ -121,7 +218,6 @@ def evaluate(model_uri: str, data_uri: str, *, batch_size: int = 1024, device: s
     log_params({"model_uri": model_uri, "data": data_uri, "train_run_id": train_run_id, "model_id": source.model_id,
                 "data_digest": data.digest, "model": spec.model})
     mlflow.set_tag("data_digest", data.digest)
-    datasets = log_data_inputs(data, data_uri, source.model_id)
     if train_run_id:
         trained_on = MlflowClient().get_run(train_run_id).data.params.get("data_digest")
         if trained_on and trained_on != data.digest:
@@ -136,22 +232,51 @@ def evaluate(model_uri: str, data_uri: str, *, batch_size: int = 1024, device: s
                                          batch_size=batch_size, tta="flip_shift")
     metrics = {TEST_ACCURACY_METRIC: accuracy, "test_loss": loss, "test_accuracy_flip_tta": flip_accuracy,
                "test_accuracy_tta": tta_accuracy}
-    log_linked(metrics, source.model_id, datasets.get("testing"))
     log.info("test accuracy %.4f (flip TTA %.4f, flip+shift TTA %.4f), loss %.4f on %d images", accuracy,
              flip_accuracy, tta_accuracy, loss, len(data.test_y))
+    val_metrics = {}
+    val_loss, val_accuracy, val_logits = loop.evaluate(model, data.val_x, data.val_y, spec.mean, spec.std,
+                                                        batch_size=batch_size)
     if len(data.val_y):
-        val_loss, val_accuracy, _ = loop.evaluate(model, data.val_x, data.val_y, spec.mean, spec.std,
-                                                    batch_size=batch_size)
         val_metrics = {VAL_ACCURACY_METRIC: val_accuracy, "val_loss": val_loss}
-        log_linked(val_metrics, source.model_id, datasets.get("validation"))
-        metrics.update(val_metrics)
         log.info("validation accuracy %.4f, loss %.4f on %d images", val_accuracy, val_loss, len(data.val_y))
+
+    fit = fit_calibration(logits.numpy(), data.test_y, val_logits.numpy(), data.val_y)
+    foreign = ood_sources()
+    ood_logits = {name: predict_logits(model, images, spec.mean, spec.std, batch_size=batch_size).numpy()
+                  for name, images in foreign.items()}
+    served, unknown_metrics, ood_table = fit_unknown(fit, logits.numpy(), ood_logits)
+    calibration_metrics = {**fit.metrics, **unknown_metrics}
+    mlflow.set_tags({"calibration_split": fit.split, "unknown_score": served.score})
+    log.info("temperature %.3f (fitted on: %s): test NLL %.4f -> %.4f, ECE %.4f -> %.4f", served.temperature, fit.split,
+             fit.metrics["test_nll"], fit.metrics["test_nll_calibrated"], fit.metrics["test_ece"],
+             fit.metrics["test_ece_calibrated"])
+    log.info("unknown: %s below %.4g; accepts %.4f of test images; %s", served.score, served.threshold,
+             unknown_metrics["unknown_accept_rate_test"],
+             ", ".join(f"{name} AUROC {unknown_metrics[f'ood_auroc_{name}']:.3f} false accept "
+                       f"{unknown_metrics[f'ood_false_accept_{name}']:.3f}" for name in ood_logits))
 
     predictions = logits.argmax(1).numpy()
     labels = data.test_y
     classes = spec.classes
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        (tmp / CALIBRATION_FILE).write_text(served.to_json())
+        mlflow.log_artifact(str(tmp / CALIBRATION_FILE))
+        model_id = log_pyfunc_model(folder, calibration_file=tmp / CALIBRATION_FILE).model_id
+        mlflow.set_tag(CALIBRATED_MODEL_TAG, model_id)
+        datasets = log_data_inputs(data, data_uri, model_id)
+        log_linked(metrics, model_id, datasets.get("testing"))
+        if val_metrics:
+            log_linked(val_metrics, model_id, datasets.get("validation"))
+        on_test = {k: v for k, v in calibration_metrics.items() if k.startswith("test_") or k.endswith("_test")}
+        log_linked(on_test, model_id, datasets.get("testing"))
+        log_linked({k: v for k, v in calibration_metrics.items() if k not in on_test}, model_id, None)
+        metrics.update(val_metrics)
+        metrics.update(calibration_metrics)
+
+        ood_table.to_csv(tmp / OOD_CSV, index=False)
+        mlflow.log_artifact(str(tmp / OOD_CSV))
         plots = tmp / PLOTS_DIR
         plots.mkdir()
         table = per_class_table(labels, predictions, classes)
@@ -161,6 +286,16 @@ def evaluate(model_uri: str, data_uri: str, *, batch_size: int = 1024, device: s
                   f"Per-class test accuracy (overall {accuracy:.4f})", "accuracy")
         confusion_matrix_plot(confusion_matrix(labels, predictions, len(classes)), classes,
                               plots / "confusion_matrix.png", f"Confusion matrix, {len(labels)} test images")
+        raw = calibration.softmax_per_row(logits.numpy(), 1.0)
+        reliability_plot([("softmax", calibration.reliability(raw, labels), fit.metrics["test_ece"]),
+                          (f"temperature {served.temperature:.3f}", calibration.reliability(fit.test_probabilities, labels),
+                           fit.metrics["test_ece_calibrated"])],
+                         plots / "reliability.png", f"Reliability on {len(labels)} test images (temperature fitted on: {fit.split})")
+        score_histograms({"cifar10 test": scores(logits.numpy(), served.temperature, served.score),
+                          **{name: scores(l, served.temperature, served.score) for name, l in ood_logits.items()}},
+                         served.threshold, plots / "ood_scores.png",
+                         f"{served.score} score: test images vs foreign ones (threshold accepts "
+                         f"{ACCEPT_SHARE:.0%} of reference images)")
         wrong = np.flatnonzero(predictions != labels)[:MISCLASSIFIED_SHOWN]
         if len(wrong):
             image_grid(data.test_x[wrong], [f"{classes[labels[i]]} → {classes[predictions[i]]}" for i in wrong],

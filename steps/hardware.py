@@ -1,6 +1,8 @@
 """The device and the precision a run trains in, and the model built there in its layout."""
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -48,6 +50,19 @@ def hardware(device: str = "auto", precision: str = "auto") -> Hardware:
         # convolution algorithm is paid once and then reused.
         torch.backends.cudnn.benchmark = True
     return Hardware(dev, torch.bfloat16 if bf16 else None, channels_last=True)
+
+
+def describe(device: torch.device) -> str:
+    """The machine in words, for the record (train's `hardware` tag, the model card)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = "CPU"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} cores"
 
 
 def autocast(hw: Hardware) -> torch.autocast:

@@ -6,9 +6,11 @@ through the MLflow Projects API with this run's environment manager. A step is r
 run again only when a finished run of it has every one of its entry point's parameters equal
 (so recipe values left to the recipe match only runs that left them too), the same code and
 the same upstream runs. The candidate with the best validation accuracy is registered as a new
-version of `registered_model` (the LoggedModel its train run logged) with the alias
-`challenger`, and `champion` moves to it only if it beats the current champion on the same
-validation images by more than the promotion margin (steps.registry).
+version of `registered_model` (the LoggedModel its evaluate run logged: train's network with the
+calibration evaluate fitted) with the alias `challenger`, its description a model card
+(steps.model_card), and `champion` moves to it only if it beats the current champion on the
+same validation images by more than the promotion margin (steps.registry), which the card
+of the new champion then records.
 
 recipe `auto` picks `fast` where a CUDA device trains and `cpu` elsewhere; models not given are
 the recipe's own.
@@ -17,21 +19,26 @@ the recipe's own.
 import logging
 import os
 import shlex
+import tempfile
 from dataclasses import asdict, dataclass
 from functools import cache
+from pathlib import Path
 
 import click
 import mlflow
+import pandas as pd
 import yaml
 from mlflow.tracking import MlflowClient
 
 from cifar_models import list_models
 from steps import registry
-from steps.artifacts import DATA_DIR, MODEL_ID_TAG, TEST_ACCURACY_METRIC, VAL_ACCURACY_METRIC
+from steps.artifacts import (CALIBRATED_MODEL_TAG, DATA_DIR, OOD_CSV, PER_CLASS_CSV, TEST_ACCURACY_METRIC,
+                             VAL_ACCURACY_METRIC)
 from steps.code_version import CODE_TAG, PROJECT_DIR, code_version
 from steps.data import load_data
 from steps.download_data import VAL_SIZE
 from steps.errors import StepError
+from steps.model_card import CardInputs, model_card
 from steps.lifeline import name_main, wait_or_stop
 from steps.options import WHOLE, OrNotGiven, log_params
 from steps.runtime import ERROR_TAG, step_command
@@ -172,14 +179,25 @@ def choose(candidates: list[registry.Candidate]) -> registry.Candidate:
     return max(candidates, key=lambda c: c.test_accuracy)
 
 
+def card_for(client: MlflowClient, name: str, version: str, best: registry.Candidate, data_run: str,
+             source: str) -> str:
+    """The model card of a version registered from best's runs (steps.model_card)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tables = {f: pd.read_csv(mlflow.artifacts.download_artifacts(run_id=best.eval_run_id, artifact_path=f,
+                                                                     dst_path=tmp)) for f in (PER_CLASS_CSV, OOD_CSV)}
+    return model_card(CardInputs(name, version, client.get_run(best.train_run_id), client.get_run(best.eval_run_id),
+                                 tables[PER_CLASS_CSV], tables[OOD_CSV], data_run,
+                                 mlflow.active_run().info.run_id, source))
+
+
 def register(best: registry.Candidate, data_run: str, cfg: PipelineConfig) -> tuple[str, bool]:
-    """Register the model best's train run logged as a new version with `challenger`, and decide
-    on `champion`. Returns (version, became champion)."""
+    """Register the calibrated model best's evaluate run logged as a new version with
+    `challenger` and its model card, and decide on `champion`. Returns (version, became champion)."""
     client = MlflowClient()
     data = load_data(f"runs:/{data_run}/{DATA_DIR}")
-    model_id = client.get_run(best.train_run_id).data.tags.get(MODEL_ID_TAG)
+    model_id = client.get_run(best.eval_run_id).data.tags.get(CALIBRATED_MODEL_TAG)
     if not model_id:
-        raise StepError(f"train run {best.train_run_id} logged no model (no {MODEL_ID_TAG} tag)")
+        raise StepError(f"evaluate run {best.eval_run_id} logged no model (no {CALIBRATED_MODEL_TAG} tag)")
     version = mlflow.register_model(f"models:/{model_id}", cfg.registered_model)
     tags = {"test_accuracy": repr(best.test_accuracy), "model": best.model, "data_digest": data.digest,
             "test_digest": data.test_digest, "train_run_id": best.train_run_id, "eval_run_id": best.eval_run_id,
@@ -193,6 +211,9 @@ def register(best: registry.Candidate, data_run: str, cfg: PipelineConfig) -> tu
         images = (data.test_x, data.test_y)
     for key, value in tags.items():
         client.set_model_version_tag(cfg.registered_model, version.version, key, value)
+    client.update_model_version(cfg.registered_model, version.version,
+                                description=card_for(client, cfg.registered_model, version.version, best, data_run,
+                                                     data.source))
     registry.set_alias(client, cfg.registered_model, registry.CHALLENGER, version.version)
     log.info("registered %s v%s (%s, model %s, %s accuracy %.4f) as %s", cfg.registered_model, version.version,
              best.model, model_id, score.split, score.accuracy, registry.CHALLENGER)

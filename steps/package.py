@@ -1,7 +1,7 @@
 """Packaging a trained network as the served MLflow model.
 
-The model's artifacts are the weights folder `train` wrote (a `state_dict` and its spec) and
-its code is the `cifar_models` package alone, so it loads and serves from any directory on a
+The model's artifacts are the weights folder `train` wrote (a `state_dict` and its spec), and
+in the model evaluate logs also the calibration it fitted (cifar_models/calibration.py); its code is the `cifar_models` package alone, so it loads and serves from any directory on a
 machine without this repository; the training code in `steps` never ships.
 
 The PythonModel is logged as code (MLflow's "models from code"), not as a pickle: loading the
@@ -24,7 +24,7 @@ from mlflow.types.schema import Array
 from PIL import Image
 
 import cifar_models.pyfunc
-from cifar_models.pyfunc import INPUT_COLUMN, WEIGHTS_ARTIFACT
+from cifar_models.pyfunc import CALIBRATION_ARTIFACT, INPUT_COLUMN, WEIGHTS_ARTIFACT
 from steps.artifacts import PYFUNC_MODEL
 
 # The package directory, found from a module inside it: an editable install made before the
@@ -55,6 +55,7 @@ SIGNATURE = ModelSignature(
         ColSpec(DataType.long, "class_id"),
         ColSpec(DataType.double, "confidence"),
         ColSpec(Array(DataType.double), "probabilities"),  # one per class, in class order
+        ColSpec(DataType.boolean, "unknown"),  # probably none of the classes
     ]),
 )
 
@@ -74,8 +75,9 @@ def example_png(seed: int = 0) -> bytes:
 
 
 def log_pyfunc_model(weights_dir: Path, name: str = PYFUNC_MODEL,
-                     registered_model_name: str | None = None) -> ModelInfo:
-    """Log the served model in the active run (registering it when a name is given).
+                     registered_model_name: str | None = None, calibration_file: Path | None = None) -> ModelInfo:
+    """Log the served model in the active run (registering it when a name is given); with a
+    calibration_file (calibration.json), the model serves calibrated probabilities and `unknown`.
 
     MLflow runs the input example through the model while logging, so a model that cannot
     load or predict fails here rather than when it is served.
@@ -86,7 +88,8 @@ def log_pyfunc_model(weights_dir: Path, name: str = PYFUNC_MODEL,
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=str(model_code),
-            artifacts={WEIGHTS_ARTIFACT: str(weights_dir)},
+            artifacts={WEIGHTS_ARTIFACT: str(weights_dir),
+                       **({CALIBRATION_ARTIFACT: str(calibration_file)} if calibration_file else {})},
             code_paths=[str(CIFAR_MODELS_DIR)],
             signature=SIGNATURE,
             input_example=pd.DataFrame({INPUT_COLUMN: [example_png()]}),

@@ -8,6 +8,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from steps.calibration import Reliability
+
 
 def image_grid(images: np.ndarray, titles: Sequence[str], path: Path, ncols: int = 8, title: str = "") -> Path:
     """(N, 32, 32, 3) uint8 images in a grid, each with a caption."""
@@ -91,6 +93,53 @@ def train_curves_plot(curves: dict[str, tuple[Sequence[float], Sequence[float]]]
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def reliability_plot(panels: Sequence[tuple[str, Reliability, float]], path: Path, title: str) -> Path:
+    """One panel per (name, Reliability, ECE): each bin's accuracy (bars) and mean confidence
+    (dots), the diagonal a perfectly calibrated model, and the share of images in each bin below."""
+    fig = Figure(figsize=(5 * len(panels), 5.5))
+    for i, (name, r, error) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        widths = np.diff(r.edges)
+        used = r.counts > 0
+        ax.bar(r.edges[:-1][used], r.accuracy[used], width=widths[used], align="edge", color="tab:blue",
+               edgecolor="black", linewidth=0.5, label="accuracy")
+        centres = (r.edges[:-1] + r.edges[1:]) / 2
+        ax.plot(centres[used], r.confidence[used], "o", color="tab:red", markersize=4, label="mean confidence")
+        ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1)
+        share = ax.twinx()
+        share.step(r.edges[:-1], r.counts / max(r.counts.sum(), 1), where="post", color="tab:gray", linewidth=1)
+        share.set_ylim(0, 4)  # the share of images per bin kept to the bottom quarter
+        share.set_yticks([])
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (grey: share of images)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{name}: ECE {error:.4f}")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def score_histograms(scores: dict[str, np.ndarray], threshold: float, path: Path, title: str) -> Path:
+    """Each source's scores as a step histogram on shared bins, the unknown threshold marked."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot()
+    values = np.concatenate(list(scores.values()))
+    bins = np.linspace(values.min(), values.max(), 41)
+    for name, s in scores.items():
+        ax.hist(s, bins=bins, histtype="step", density=True, linewidth=1.5, label=f"{name} ({len(s)})")
+    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+    ax.set_xlabel("score (below the threshold: unknown)")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path

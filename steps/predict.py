@@ -4,7 +4,7 @@ answers in one table.
 Reads: a model URI (models:/cifar10-classifier@champion by default; any pyfunc URI of the served
 model) and the input (steps.predict_inputs). Writes: the output, a .parquet or .csv file with one
 row per image: its path (row number for Parquet input), label, class_id, confidence,
-probabilities, and error (why an image got no prediction; then the others are empty). Logs params
+probabilities, unknown and error (why an image got no prediction; then the others are empty). Logs params
 model_uri, input, output, engine, batch_size; metrics images, predicted, errors,
 images_per_second (reading, predicting and writing, without loading the model) and count_<class>;
 and the output as an artifact.

@@ -37,7 +37,7 @@ def check_output(output: str) -> Path:
 def result_schema(key: str, key_type: pa.DataType) -> pa.Schema:
     return pa.schema([(key, key_type), ("label", pa.string()), ("class_id", pa.int64()),
                       ("confidence", pa.float64()), ("probabilities", pa.list_(pa.float64())),
-                      (ERROR_COLUMN, pa.string())])
+                      ("unknown", pa.bool_()), (ERROR_COLUMN, pa.string())])
 
 
 class _Pieces:

@@ -36,7 +36,7 @@ from steps.predict_inputs import IMAGE_SUFFIXES, Source, read_chunks
 
 log = logging.getLogger(__name__)
 
-RESULT_TYPE = "label string, class_id long, confidence double, probabilities array<double>"
+RESULT_TYPE = "label string, class_id long, confidence double, probabilities array<double>, unknown boolean"
 # binaryFile's filter is a Hadoop glob on file names, which is case-sensitive.
 IMAGE_GLOB = "*.{" + ",".join(s[1:] for s in IMAGE_SUFFIXES) + "," + ",".join(s[1:].upper() for s in IMAGE_SUFFIXES) + "}"
 SPOOL_ROWS = 4096  # tarball members per Parquet row group in the spool
@@ -180,4 +180,5 @@ def _frame(rows: list[dict], source: Source, base: str) -> pd.DataFrame:
     frame.insert(0, source.key, keys)
     frame["class_id"] = frame["class_id"].astype("Int64")
     frame["confidence"] = frame["confidence"].astype("float64")
+    frame["unknown"] = frame["unknown"].astype("boolean")
     return frame

@@ -11,6 +11,7 @@ import logging
 import math
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
@@ -107,6 +108,14 @@ def champion_accuracy(champion, name: str, score: Score, x: np.ndarray, y: np.nd
     return accuracy_on(f"models:/{name}/{champion.version}", x, y)
 
 
+def note_champion(client: MlflowClient, name: str, version: str, decision: str) -> None:
+    """Append to the version's description (its model card) when and why it became champion."""
+    description = client.get_model_version(name, version).description or ""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    client.update_model_version(name, version, description=f"{description.rstrip()}\n\nBecame champion on {when}: "
+                                                           f"{decision}\n")
+
+
 def decide_champion(client: MlflowClient, name: str, version, score: Score, x: np.ndarray, y: np.ndarray) -> bool:
     """Move `champion` to `version` if it beats the current champion on the same images by more
     than the margin (or there is none). Returns whether it moved; the decision, both numbers and
@@ -125,6 +134,7 @@ def decide_champion(client: MlflowClient, name: str, version, score: Score, x: n
     client.set_model_version_tag(name, version.version, "champion_decision", decision)
     if moved:
         set_alias(client, name, CHAMPION, version.version)
+        note_champion(client, name, version.version, decision)
     log.info("v%s: %s", version.version, decision)
     return moved
 
@@ -155,4 +165,7 @@ def promote(name: str, version: int | str, client: MlflowClient | None = None) -
             raise StepError(f"v{version} of {name!r} was registered from run {run_id}, which is {status}; refusing")
     old = version_or_none(client, name, CHAMPION)
     set_alias(client, name, CHAMPION, version)
+    if old is None or str(old.version) != version:
+        note_champion(client, name, version, f"promoted by hand (cifar10-promote), champion before: "
+                                             f"{f'v{old.version}' if old else 'none'}")
     return (str(old.version) if old else None), version

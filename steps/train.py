@@ -7,9 +7,10 @@ train_loss, train_accuracy and lr, test_loss and test_accuracy after the epochs 
 (every test_every-th and the last), and epoch_seconds (its training and test pass, if any; the
 first epoch holds torch.compile's warm-up, so the others show the steady pace);
 at the end weights/ (state_dict.pt and model_config.json), model_summary.txt, train_seconds
-(the epochs' sum), and the network as an MLflow LoggedModel `model`, the pyfunc the endpoint
-serves (its ID in the run's tag model_id: what evaluate links its metrics to and main
-registers); the training and test sets as dataset inputs.
+(the epochs' sum), the machine as the tag hardware, and the network as an MLflow LoggedModel
+`model`, the pyfunc without calibration (its ID in the run's tag model_id; evaluate logs the
+same weights again with the calibration it fits, and that model is the one main registers);
+the training and test sets as dataset inputs.
 With max_lr 0 and no lr_run, also find_lr's suggested_lr and plots/lr_range_test.png.
 
 The config and the --recipe presets are steps.recipes'; recipe auto is chosen for the device
@@ -160,7 +161,8 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
     folder = checkpoints.checkpoint_root() / key
     run_id = mlflow.active_run().info.run_id
     log_params({**asdict(cfg), **recipe_param(recipe), "data": data_uri, "data_digest": data.digest})
-    mlflow.set_tags({"data_digest": data.digest, "device": str(hw.device), "checkpoint_key": key,
+    mlflow.set_tags({"data_digest": data.digest, "device": str(hw.device), "hardware": hardware.describe(hw.device),
+                     "checkpoint_key": key,
                      "precision": str(hw.autocast or torch.float32).removeprefix("torch.")})
     for name, x, y, context in (("cifar10-train", data.train_x, data.train_y, "training"),
                                 ("cifar10-test", data.test_x, data.test_y, "testing")):

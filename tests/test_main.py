@@ -56,18 +56,24 @@ def test_pipeline_registers_reuses_and_reports_failures(tmp_path, tracking_uri):
     # auto on a machine without CUDA: the cpu recipe, said in the log and recorded.
     assert "recipe auto -> cpu (no CUDA device" in first.stderr and driver.data.tags["recipe"] == "cpu"
     assert steps["train"].data.params["recipe"] == "cpu"
-    # MLflow 3's model-centric record: the version is the LoggedModel train logged, and
-    # evaluate's metrics are linked to it.
-    model_id = steps["train"].data.tags["model_id"]
-    assert v1.source == f"models:/{model_id}" and v1.run_id == steps["train"].info.run_id
+    # MLflow 3's model-centric record: the version is the LoggedModel evaluate logged (train's
+    # network with its calibration), and evaluate's metrics are linked to it.
+    model_id = steps["evaluate"].data.tags["calibrated_model_id"]
+    assert v1.source == f"models:/{model_id}" and v1.run_id == steps["evaluate"].info.run_id
     linked = {m.key for m in client.get_logged_model(model_id).metrics}
-    assert {"test_accuracy", "val_accuracy"} <= linked
-    # evaluate takes the registry's URIs, and knows which run and logged model they name.
+    assert {"test_accuracy", "val_accuracy", "test_ece_calibrated", "unknown_threshold"} <= linked
+    assert steps["evaluate"].data.tags["calibration_split"] == "validation"
+    # evaluate takes the registry's URIs, and knows which training run and logged model they name.
     from steps.evaluate import resolve_model
 
     champion = resolve_model(f"models:/{NAME}@champion")
     assert (champion.train_run_id, champion.model_id) == (steps["train"].info.run_id, model_id)
     assert (champion.folder / "state_dict.pt").is_file()
+    # Its model card, and the line its promotion left there.
+    for section in ("# cifar10-classifier v1: fast_net", "## Accuracy on 100 test images", "## Calibration",
+                    "## `unknown`", "| noise |", "## Runs", steps["train"].info.run_id, "## Intended use and limits"):
+        assert section in v1.description, section
+    assert "Became champion on " in v1.description and ": promoted: " in v1.description
 
     # The same command again: every step is reused, nothing retrained; a new version is
     # registered and, being no better than the champion on the same test data, stays challenger.
@@ -80,6 +86,7 @@ def test_pipeline_registers_reuses_and_reports_failures(tmp_path, tracking_uri):
     assert int(v2.version) == int(v1.version) + 1
     assert client.get_model_version_by_alias(NAME, "champion").version == v1.version
     assert v2.tags["champion_decision"].startswith("kept:") and "val accuracy on 200 images" in v2.tags["champion_decision"]
+    assert "## Calibration" in v2.description and "Became champion" not in v2.description
 
     # The same command without epochs: the recipe's epochs, another training, so the finished
     # 2-epoch train must not be reused (nor the evaluate of its model).

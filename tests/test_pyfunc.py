@@ -18,10 +18,11 @@ from mlflow.pyfunc.scoring_server import _SERVER_MODEL_PATH
 from PIL import Image
 
 import cifar_models.fast_net  # noqa: F401  (registers fast_net)
+from cifar_models.calibration import CALIBRATION_FILE, Calibration, ood_scores
 from cifar_models.inference import ModelSpec, load_network, predict_logits, save_network
 from cifar_models.preprocess import CIFAR10_MEAN, CIFAR10_STD, CLASSES
 from cifar_models.pyfunc import (
-    MAX_IMAGES, MAX_PIXELS, MAX_REQUEST_PIXELS, OUTPUT_COLUMNS, RESAMPLE, WEIGHTS_ARTIFACT,
+    CALIBRATION_ARTIFACT, MAX_IMAGES, MAX_PIXELS, MAX_REQUEST_PIXELS, OUTPUT_COLUMNS, RESAMPLE, WEIGHTS_ARTIFACT,
     CifarClassifier, InvalidRequest, decode_image,
 )
 from cifar_models.registry import create_model
@@ -88,10 +89,15 @@ def classifier(weights_dir) -> CifarClassifier:
     return model
 
 
-def reference_probabilities(weights_dir, images: np.ndarray) -> np.ndarray:
-    """What evaluate computes for the same pixels: the shared forward path, softmax in float32."""
+def reference_logits(weights_dir, images: np.ndarray) -> torch.Tensor:
     network, spec = load_network(weights_dir)
-    return torch.softmax(predict_logits(network, images, spec.mean, spec.std), dim=1).numpy()
+    return predict_logits(network, images, spec.mean, spec.std)
+
+
+def reference_probabilities(weights_dir, images: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """What evaluate computes for the same pixels: the shared forward path, softmax of the
+    logits over the temperature in float32."""
+    return torch.softmax(reference_logits(weights_dir, images) / temperature, dim=1).numpy()
 
 
 # --- decoding -----------------------------------------------------------------------------
@@ -232,6 +238,28 @@ def test_predictions_are_the_softmax_of_the_shared_forward_path(classifier, weig
     assert out["label"].tolist() == [CLASSES[i] for i in expected.argmax(axis=1)]
     np.testing.assert_allclose(out["confidence"], expected.max(axis=1), atol=1e-6, rtol=0)
     assert out["class_id"].dtype == np.int64 and out["confidence"].dtype == np.float64
+    assert out["unknown"].dtype == bool and not out["unknown"].any()  # no calibration.json: never unknown
+
+
+def test_a_calibrated_model_serves_softmax_over_t_and_flags_scores_below_the_threshold(weights_dir, tmp_path):
+    images = np.stack([noise(32, 32, seed) for seed in range(8)])
+    logits = reference_logits(weights_dir, images)
+    scores = ood_scores(logits, 2.0, "energy")
+    # Half the images above the threshold, half below.
+    threshold = float(scores.median()) + 1e-6
+    calibration = Calibration(temperature=2.0, score="energy", threshold=threshold, accept_share=0.95)
+    (tmp_path / CALIBRATION_FILE).write_text(calibration.to_json())
+    model = CifarClassifier()
+    model.load_context(PythonModelContext(artifacts={WEIGHTS_ARTIFACT: str(weights_dir),
+                                                     CALIBRATION_ARTIFACT: str(tmp_path / CALIBRATION_FILE)},
+                                          model_config={}))
+    out = model.predict(None, frame(*(encode(image) for image in images)))
+    np.testing.assert_allclose(np.array(out["probabilities"].tolist()),
+                               reference_probabilities(weights_dir, images, temperature=2.0), atol=1e-6, rtol=0)
+    assert out["unknown"].tolist() == (scores < threshold).tolist()
+    assert 0 < out["unknown"].sum() < len(images)
+    # The label is still given for an unknown image, the same as the uncalibrated model's.
+    assert out["class_id"].tolist() == logits.argmax(dim=1).tolist()
 
 
 def test_pixel_arrays_predict_like_the_same_images_encoded(classifier):

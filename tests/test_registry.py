@@ -46,6 +46,9 @@ def test_promote_moves_forward_and_rolls_back(client):
     assert champion(client) == v2
     assert registry.promote(NAME, v1, client) == (v2, v1)  # rollback
     assert champion(client) == v1
+    # Each promotion left a line in the card of the version it made champion.
+    assert client.get_model_version(NAME, v1).description.count("promoted by hand") == 2
+    assert "champion before: v1" in client.get_model_version(NAME, v2).description
 
 
 def test_promote_refuses_missing_version_and_failed_runs(client):
@@ -68,6 +71,8 @@ def test_decide_champion_compares_on_the_same_validation_images_with_a_margin(cl
     score = lambda accuracy: registry.Score(accuracy, "val", "v1", 5000)  # noqa: E731
     assert registry.decide_champion(client, NAME, get(v1), score(0.80), x, y) is True  # no champion yet
     assert get(v1).tags["champion_decision"] == "promoted: 0.8000 val accuracy on 5000 images, no champion before"
+    assert "Became champion on " in get(v1).description and get(v1).description.endswith(
+        ": promoted: 0.8000 val accuracy on 5000 images, no champion before\n")
     # Two standard errors of 0.80 on 5,000 images: 2 * sqrt(0.8 * 0.2 / 5000) = 0.0113.
     assert registry.margin(0.80, 5000) == pytest.approx(0.011314, abs=1e-6)
     worse = add_version(client)

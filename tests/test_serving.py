@@ -27,11 +27,13 @@ from PIL import Image
 
 import cifar_models.fast_net  # noqa: F401  (registers fast_net)
 from benchmarks import _server
+from cifar_models.calibration import CALIBRATION_FILE, Calibration, ood_scores
 from cifar_models.inference import ModelSpec, save_network
 from cifar_models.preprocess import CIFAR10_MEAN, CIFAR10_STD, CLASSES
 from cifar_models.pyfunc import MAX_IMAGES, MAX_PIXELS, OUTPUT_COLUMNS
 from cifar_models.registry import create_model
-from tests.test_pyfunc import SAVABLE, encode, noise, png_header, reference_probabilities
+from steps.data import synthetic
+from tests.test_pyfunc import SAVABLE, encode, noise, png_header, reference_logits, reference_probabilities
 
 pytestmark = pytest.mark.slow
 
@@ -40,12 +42,23 @@ MODEL_NAME = "cifar10-served"
 ALIAS = "champion"
 REQUEST_TIMEOUT_S = 30
 
+# The served model is calibrated with a threshold halfway between the scores of these two
+# images, so its `unknown` answer for each is known: a CIFAR-shaped image of one class, and a
+# flat grey square.
+IN_DISTRIBUTION = synthetic(n_train=10, n_test=0)[0][0]
+FOREIGN = np.full((32, 32, 3), 128, dtype=np.uint8)
+# The untrained network's logits are about 1e-5: a temperature as small spreads them, so the
+# grey square's output is near uniform and the other's is not, far apart for the threshold.
+TEMPERATURE = 1e-5
+SCORE = "max_probability"
+
 
 @dataclass(frozen=True)
 class Server:
     url: str
     model_uri: str  # the logged model, models:/m-...
     weights_dir: Path
+    calibration: Calibration
     env: dict[str, str]  # the server's environment, for other processes that must match it
     workdir: Path  # outside the repository
     log: Path
@@ -60,13 +73,20 @@ def server(tmp_path_factory):
     torch.manual_seed(0)
     weights = save_network(create_model("fast_net"),
                            ModelSpec(model="fast_net", mean=CIFAR10_MEAN, std=CIFAR10_STD), root / "weights")
-    logged = _server.log_model(root, weights, registered_name=MODEL_NAME, alias=ALIAS)
+    inside, outside = ood_scores(reference_logits(weights, np.stack([IN_DISTRIBUTION, FOREIGN])), TEMPERATURE,
+                                 SCORE).tolist()
+    assert inside > outside, (inside, outside)
+    calibration = Calibration(TEMPERATURE, SCORE, threshold=(inside + outside) / 2, accept_share=0.95)
+    (root / CALIBRATION_FILE).write_text(calibration.to_json())
+    logged = _server.log_model(root, weights, registered_name=MODEL_NAME, alias=ALIAS,
+                               calibration_file=root / CALIBRATION_FILE)
     try:
         served = _server.start(logged, root)
     except _server.ServerError as error:
         pytest.fail(str(error))
     try:
-        yield Server(url=served.url, model_uri=logged.model_uri, weights_dir=weights, env=served.env,
+        yield Server(url=served.url, model_uri=logged.model_uri, weights_dir=weights, calibration=calibration,
+                     env=served.env,
                      workdir=served.workdir, log=served.log)
     finally:
         _server.stop(served)
@@ -101,6 +121,7 @@ def predictions(reply: requests.Response, count: int) -> list[dict]:
         assert tuple(row) == OUTPUT_COLUMNS
         assert CLASSES[row["class_id"]] == row["label"] and len(row["probabilities"]) == len(CLASSES)
         assert row["confidence"] == max(row["probabilities"])
+        assert isinstance(row["unknown"], bool)
     return rows
 
 
@@ -134,7 +155,8 @@ def test_served_model_carries_cifar_models_and_not_the_training_code(server, tmp
             mlflow.set_tracking_uri(None)
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert {"code/cifar_models/pyfunc.py", "code/cifar_models/inference.py",
-            "artifacts/weights/state_dict.pt", "artifacts/weights/model_config.json"} <= files
+            "artifacts/weights/state_dict.pt", "artifacts/weights/model_config.json",
+            f"artifacts/{CALIBRATION_FILE}"} <= files
     assert not any(f.startswith("code/steps") or f.endswith(".pkl") for f in files), sorted(files)
     requirements = (local / "requirements.txt").read_text().split()
     assert all("==" in line for line in requirements) and any(r.startswith("torch==") for r in requirements)
@@ -189,9 +211,18 @@ def test_inputs_array_form_predicts_like_the_same_pixels_as_png(server):
 def test_endpoint_gives_the_shared_forward_path_predictions(server):
     pixels = np.stack([noise(32, 32, seed) for seed in range(100, 116)])
     rows = predictions(post(server, split(*(encode(p) for p in pixels))), 16)
-    expected = reference_probabilities(server.weights_dir, pixels)
+    expected = reference_probabilities(server.weights_dir, pixels, server.calibration.temperature)
     np.testing.assert_allclose([row["probabilities"] for row in rows], expected, atol=1e-5, rtol=0)
     assert [row["class_id"] for row in rows] == expected.argmax(axis=1).tolist()
+
+
+def test_an_in_distribution_image_is_known_and_a_foreign_one_unknown_with_calibrated_probabilities(server):
+    pixels = np.stack([IN_DISTRIBUTION, FOREIGN])
+    rows = predictions(post(server, split(*(encode(p) for p in pixels))), 2)
+    assert [row["unknown"] for row in rows] == [False, True]
+    # unknown adds to the answer: the foreign image keeps its label and probabilities, softmax(logits / T).
+    expected = reference_probabilities(server.weights_dir, pixels, TEMPERATURE)
+    np.testing.assert_allclose([row["probabilities"] for row in rows], expected, atol=1e-5, rtol=0)
 
 
 # --- bad requests: a one-line 4xx, no stack trace, and the server keeps serving -----------

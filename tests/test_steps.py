@@ -86,7 +86,7 @@ def test_train_takes_the_suggestion_and_logs_each_epoch_once(pipeline):
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(1, EPOCHS + 1))
     assert artifacts(client, run.info.run_id) == {"weights/state_dict.pt", "weights/model_config.json",
                                                   "model_summary.txt"}
-    # The network is also the run's LoggedModel, the pyfunc the endpoint serves, and the run
+    # The network is also the run's LoggedModel, the pyfunc without calibration, and the run
     # records the sets it trained and tested on.
     logged = client.get_logged_model(run.data.tags["model_id"])
     assert logged.source_run_id == run.info.run_id and logged.name == "model"
@@ -110,8 +110,25 @@ def test_evaluate_logs_metrics_tables_and_plots(pipeline):
     assert 0 <= metrics["test_accuracy_flip_tta"] <= 1 and np.isfinite(metrics["test_loss"])
     assert 0 <= metrics["test_accuracy_tta"] <= 1
     assert artifacts(client, run.info.run_id) == {
-        "per_class_accuracy.csv", "plots/per_class_accuracy.png", "plots/confusion_matrix.png",
-        "plots/misclassified.png", "plots/training_curves.png"}
+        "per_class_accuracy.csv", "ood.csv", "calibration.json", "plots/per_class_accuracy.png",
+        "plots/confusion_matrix.png", "plots/misclassified.png", "plots/training_curves.png",
+        "plots/reliability.png", "plots/ood_scores.png"}
+    # Calibration: this data has no validation split, so a cross-fit on the test set, said in a tag.
+    assert run.data.tags["calibration_split"] == "test_cross_fit"
+    assert metrics["temperature"] > 0 and all(np.isfinite(metrics[k]) for k in (
+        "test_nll", "test_nll_calibrated", "test_ece", "test_ece_calibrated"))
+    assert metrics["test_nll"] == pytest.approx(metrics["test_loss"], rel=1e-4)
+    # unknown: its threshold, and its figures against every foreign source measured.
+    table = pd.read_csv(client.download_artifacts(run.info.run_id, "ood.csv", str(pipeline["tmp"])))
+    sources = set(table["source"]) - {"cifar10_test"}
+    assert {"noise", "flat", "gradient", "text"} <= sources and set(table["score"]) == {"max_probability", "energy"}
+    for source in sources:
+        assert 0 <= metrics[f"ood_auroc_{source}"] <= 1 and 0 <= metrics[f"ood_false_accept_{source}"] <= 1
+    assert 0.9 <= metrics["unknown_accept_rate_test"] <= 1  # set on these very images: in-sample
+    # The calibrated model is the run's LoggedModel, with every metric linked to it.
+    logged = client.get_logged_model(run.data.tags["calibrated_model_id"])
+    assert logged.source_run_id == run.info.run_id
+    assert {"test_accuracy", "test_ece_calibrated", "unknown_threshold"} <= {m.key for m in logged.metrics}
     table = pd.read_csv(client.download_artifacts(run.info.run_id, "per_class_accuracy.csv", str(pipeline["tmp"])))
     assert list(table.columns) == ["class", "correct", "total", "accuracy"]
     assert table["total"].sum() == 100
