@@ -1,8 +1,10 @@
 """What the served model does to the network's logits: temperature scaling, and the `unknown` flag.
 
-A network trained with cross-entropy is over-confident: its raw softmax says 0.9 where it is right
-less often. Dividing the logits by one temperature T > 1, fitted on images the network never
-trained on, makes the probabilities match the observed accuracy without changing any argmax.
+A network's raw softmax rarely matches how often it is right: plain cross-entropy tends to make
+it over-confident, label smoothing under-confident (the cpu recipe's model fits T = 0.53,
+benchmarks/README.md, "Calibration"). Dividing the logits by one temperature T, fitted on images
+the network never trained on, makes the probabilities match the observed accuracy without
+changing any argmax.
 An image is called `unknown` (probably not one of the classes) when its score, a measure of how
 in-distribution the calibrated output looks, falls below a threshold set so that a stated share
 of held-out in-distribution images pass. evaluate fits all of it (steps/calibration.py) and
