@@ -314,6 +314,16 @@ def resolve_data_dir(uri: str) -> Path:
         raise DataError(f"cannot fetch data from {uri}: {exc}") from None
 
 
+# The MLflow dataset name of each set, by the context it is logged under.
+DATASET_NAMES = {"training": "cifar10-train", "validation": "cifar10-val", "testing": "cifar10-test"}
+
+
+def data_inputs(sets: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[tuple[str, np.ndarray, np.ndarray, str]]:
+    """(name, x, y, context) of each non-empty set of `sets` (context -> (x, y)), as the steps
+    log them with mlflow.log_input."""
+    return [(DATASET_NAMES[context], x, y, context) for context, (x, y) in sets.items() if len(y)]
+
+
 def numpy_dataset(name: str, x: np.ndarray, y: np.ndarray, uri):
     """An MLflow dataset of these arrays, its source the URI they were read from (as a URI MLflow
     can show: a runs:/ URI becomes its artifact location; one it cannot type is kept as a tag),

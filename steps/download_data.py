@@ -97,19 +97,13 @@ def download_data(source: str = "cifar10", train_limit: int = 0, test_limit: int
     log_params({"source": source, "train_size": len(train_y), "test_size": len(test_y), "validation_size": held,
                 "data_digest": manifest["digest"]})
     mlflow.log_params({f"{k}_{c}": round(v, 6) for k in ("mean", "std") for c, v in zip("rgb", manifest[k])})
-    for name, x, y, context in data_inputs(train_x, train_y, val_x, val_y, test_x, test_y):
+    sets = {"training": (train_x, train_y), "validation": (val_x, val_y), "testing": (test_x, test_y)}
+    for name, x, y, context in D.data_inputs(sets):
         mlflow.log_input(D.numpy_dataset(name, x, y, dataset_source(source)), context=context)
     log.info("data: %d train / %d validation / %d test images, mean %s, std %s, digest %s",
              len(train_y), held, len(test_y),
              [round(v, 4) for v in manifest["mean"]], [round(v, 4) for v in manifest["std"]], manifest["digest"])
     return manifest
-
-
-def data_inputs(train_x, train_y, val_x, val_y, test_x, test_y):
-    """(name, x, y, context) of each non-empty set, as the steps log them with mlflow.log_input."""
-    sets = (("cifar10-train", train_x, train_y, "training"), ("cifar10-val", val_x, val_y, "validation"),
-            ("cifar10-test", test_x, test_y, "testing"))
-    return [s for s in sets if len(s[2])]
 
 
 @click.command(help=__doc__)

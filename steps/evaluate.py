@@ -49,8 +49,7 @@ from cifar_models.inference import SPEC_FILE, load_network, predict_logits
 from steps import calibration, hardware, loop
 from steps.artifacts import (CALIBRATED_MODEL_TAG, MODEL_ID_TAG, OOD_CSV, PER_CLASS_CSV, PLOTS_DIR,
                              TEST_ACCURACY_METRIC, VAL_ACCURACY_METRIC, WEIGHTS_DIR)
-from steps.data import CifarData, load_data, numpy_dataset
-from steps.download_data import data_inputs
+from steps.data import CifarData, data_inputs, load_data, numpy_dataset
 from steps.errors import StepError, first_line
 from steps.options import WHOLE, log_params
 from steps.registry import served_weights_dir
@@ -314,8 +313,8 @@ def log_data_inputs(data: CifarData, data_uri: str, model_id: str) -> dict[str, 
     logged one); returns them by context, for the metrics measured on them."""
     model = LoggedModelInput(model_id) if model_id else None
     datasets = {}
-    for name, x, y, context in data_inputs(data.train_x[:0], data.train_y[:0], data.val_x, data.val_y,
-                                           data.test_x, data.test_y):
+    for name, x, y, context in data_inputs({"validation": (data.val_x, data.val_y),
+                                            "testing": (data.test_x, data.test_y)}):
         datasets[context] = numpy_dataset(name, x, y, data_uri)
         mlflow.log_input(datasets[context], context=context, model=model)
     return datasets

@@ -108,9 +108,7 @@ def find_lr(data_uri: str, cfg: TrainConfig, *, start_lr: float = START_LR, end_
 def cli(data_uri: str, recipe: str, start_lr: float, end_lr: float, num_iter: int, device: str, precision: str,
         **given) -> None:
     with step_command():
-        chosen, why = choose_recipe(recipe, device)
-        if chosen != recipe:
-            log.info("recipe %s -> %s (%s)", recipe, chosen, why)
+        chosen, _ = choose_recipe(recipe, device)
         find_lr(data_uri, resolve_config(chosen, given), start_lr=start_lr, end_lr=end_lr, num_iter=num_iter,
                 device=device, precision=precision, recipe=chosen)
 

@@ -22,7 +22,6 @@ import shlex
 import tempfile
 from dataclasses import asdict, dataclass
 from functools import cache
-from pathlib import Path
 
 import click
 import mlflow
@@ -224,8 +223,6 @@ def register(best: registry.Candidate, data_run: str, cfg: PipelineConfig) -> tu
 
 def run_pipeline(cfg: PipelineConfig) -> tuple[str, bool]:
     recipe, why = choose_recipe(cfg.recipe)
-    if recipe != cfg.recipe:
-        log.info("recipe %s -> %s (%s)", cfg.recipe, recipe, why)
     models = cfg.models or (recipe_model(recipe),)
     unknown = [m for m in models if m not in list_models()]
     if unknown:

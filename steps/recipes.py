@@ -13,6 +13,7 @@ parameter), is "not given", so `mlflow run . -e train -P recipe=cpu -P epochs=6`
 recipe with 6 epochs.
 """
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ from steps.augment import check_aug
 from steps.errors import StepError
 from steps.optim import OPTIMIZERS
 from steps.schedules import SCHEDULES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,8 @@ def _preset(recipe: str) -> dict[str, object]:
 
 def choose_recipe(recipe: str, device: str = "auto") -> tuple[str, str]:
     """(the recipe to train, why): a named one as it is; for auto, `fast` when training runs on
-    CUDA (device auto and a CUDA device present, or device cuda) and `cpu` otherwise."""
+    CUDA (device auto and a CUDA device present, or device cuda) and `cpu` otherwise, said in the
+    log of every step that chooses."""
     if recipe != AUTO:
         _preset(recipe)
         return recipe, f"named: {recipe}"
@@ -115,7 +119,9 @@ def choose_recipe(recipe: str, device: str = "auto") -> tuple[str, str]:
     else:
         cuda = device.startswith("cuda")
         why = f"device {device}"
-    return ("fast" if cuda else "cpu"), why
+    chosen = "fast" if cuda else "cpu"
+    log.info("recipe %s -> %s (%s)", AUTO, chosen, why)
+    return chosen, why
 
 
 def recipe_model(recipe: str) -> str:

@@ -54,7 +54,7 @@ from steps import batches, checkpoints, hardware, loop, lr_range, schedules
 from steps.artifacts import MODEL_ID_TAG, SUGGESTED_LR_METRIC, SUMMARY, WEIGHTS_DIR
 from steps.code_version import code_version
 from steps.augment import POLICIES
-from steps.data import CifarData, load_data, numpy_dataset
+from steps.data import CifarData, data_inputs, load_data, numpy_dataset
 from steps.errors import StepError
 from steps import find_lr as find_lr_step
 from steps.find_lr import log_range_test, range_test
@@ -164,8 +164,8 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
     mlflow.set_tags({"data_digest": data.digest, "device": str(hw.device), "hardware": hardware.describe(hw.device),
                      "checkpoint_key": key,
                      "precision": str(hw.autocast or torch.float32).removeprefix("torch.")})
-    for name, x, y, context in (("cifar10-train", data.train_x, data.train_y, "training"),
-                                ("cifar10-test", data.test_x, data.test_y, "testing")):
+    for name, x, y, context in data_inputs({"training": (data.train_x, data.train_y),
+                                            "testing": (data.test_x, data.test_y)}):
         mlflow.log_input(numpy_dataset(name, x, y, data_uri), context=context)
     with checkpoints.exclusive(folder):
         metrics = _train_locked(cfg, data, hw, folder / checkpoints.CHECKPOINT_FILE, key, run_id, interval)
@@ -312,9 +312,7 @@ def _default(name: str) -> str:
 @click.option("--precision", default="auto", show_default=True, help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32; channels_last always.")
 def cli(data_uri: str, recipe: str, device: str, precision: str, **given) -> None:
     with step_command():
-        chosen, why = choose_recipe(recipe, device)
-        if chosen != recipe:
-            log.info("recipe %s -> %s (%s)", recipe, chosen, why)
+        chosen, _ = choose_recipe(recipe, device)
         train(resolve_config(chosen, given), data_uri, device, precision, chosen)
 
 
