@@ -41,10 +41,10 @@ if str(REPO) not in sys.path:  # run as a script: benchmarks/ is on sys.path, th
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from steps import batches, hardware, loop, optim, schedules  # noqa: E402
+from steps import batches, budget, hardware, loop, optim, schedules  # noqa: E402
 from steps.artifacts import MANIFEST  # noqa: E402
 from steps.augment import POLICIES, build_policy  # noqa: E402
-from steps.data import CifarData, load_data, local_path, read_cifar, write_data  # noqa: E402
+from steps.data import CifarData, load_data, local_path, read_cifar, validation_split, write_data  # noqa: E402
 from steps.errors import StepError  # noqa: E402
 from steps.recipes import RECIPES, TrainConfig, resolve_config, validate  # noqa: E402
 from steps.training import EVAL_BATCH, augment_workers, start_training, train_epoch, training_set  # noqa: E402
@@ -76,10 +76,15 @@ class Clock:
 
 
 def train_seed(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, train_set: tuple,
-               max_steps: int | None = None, workers: int | None = None) -> nn.Module:
-    """train's loop for cfg (max_lr must be set), untracked; returns the result network.
-    workers: augmentation processes, None = as train takes them (training.augment_workers)."""
+               max_steps: int | None = None, workers: int | None = None) -> tuple[nn.Module, budget.Fit | None]:
+    """train's loop for cfg (max_lr must be set), untracked; returns the result network and,
+    with a time budget, how its epochs were chosen (as train chooses them, on the timing of
+    this run's own steps, which the clock includes). workers: augmentation processes, None =
+    as train takes them (training.augment_workers)."""
     training = start_training(cfg, data, hw)
+    fit = None
+    if cfg.time_budget:
+        cfg, fit = budget.fit_budget(cfg, training, train_set, data, hw, spent=0.0)
     steps_per_epoch = batches.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
     scheduler = schedules.lambda_scheduler(
         training.optimizer, schedules.SCHEDULES[cfg.schedule](cfg, cfg.max_lr, cfg.epochs * steps_per_epoch))
@@ -87,10 +92,10 @@ def train_seed(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, train_s
         train_epoch(cfg, training, scheduler, epoch, train_set, data, hw, max_steps=max_steps, workers=workers)
         if max_steps is not None:
             break
-    return training.result
+    return training.result, fit
 
 
-def read_data(uri: str) -> CifarData:
+def read_data(uri: str, val_size: int = 0) -> CifarData:
     """download_data's output (a folder, or a runs:/ or other artifact URI), or a python-version
     CIFAR-10 archive (the .tar.gz or its extracted folder, as a path or file:// URL) read as
     download_data reads its source. The archive needs no MLflow, which a GPU machine may not
@@ -102,8 +107,11 @@ def read_data(uri: str) -> CifarData:
     path = local_path(uri)
     if (path / MANIFEST).is_file():
         return load_data(str(path))
+    train_x, train_y, test_x, test_y = read_cifar(path)
+    train_x, train_y, val_x, val_y = validation_split(train_x, train_y, val_size)
     with tempfile.TemporaryDirectory() as tmp:
-        write_data(Path(tmp) / "data", *read_cifar(path), source=str(path))
+        write_data(Path(tmp) / "data", train_x, train_y, test_x, test_y, source=str(path),
+                   val=(val_x, val_y) if val_size else None)
         return load_data(str(Path(tmp) / "data"))
 
 
@@ -118,7 +126,7 @@ def machine(hw: hardware.Hardware) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     hw = hardware.hardware(args.device, args.precision)
-    data = read_data(args.data)
+    data = read_data(args.data, args.val_size)
     if args.train_limit:
         data = replace(data, train_x=data.train_x[:args.train_limit], train_y=data.train_y[:args.train_limit])
     if args.test_limit:
@@ -127,7 +135,9 @@ def run(args: argparse.Namespace) -> dict:
              "optimizer": args.optimizer, "aug": args.aug, "low_res": args.low_res, "low_res_pct": args.low_res_pct,
              "whiten_bias_epochs": args.whiten_bias_epochs, "bn_bias_lr": args.bn_bias_lr,
              "freeze_bn_scale": {None: None, "true": True, "false": False}[args.freeze_bn_scale],
-             "compile": {None: None, "true": True, "false": False}[args.compile]}
+             "compile": {None: None, "true": True, "false": False}[args.compile],
+             "label_smoothing": args.label_smoothing, "ema": args.ema, "pct_start": args.pct_start,
+             "weight_decay": args.weight_decay, "time_budget": args.time_budget}
     base = resolve_config(args.recipe, given)
     validate(base)
     if base.max_lr <= 0:
@@ -150,20 +160,30 @@ def run(args: argparse.Namespace) -> dict:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         cfg = replace(base, seed=seed)
         clock.start()
-        net = train_seed(cfg, data, hw, train_set, workers=workers)
+        net, fit = train_seed(cfg, data, hw, train_set, workers=workers)
         seconds = clock.stop()
         row = {"seed": seed, "train_seconds": seconds}
+        if fit is not None:
+            row.update(epochs=fit.epochs, low_res_epochs=fit.low_res_epochs, budget_choice=fit.reason(cfg.time_budget))
+        if len(data.val_y):  # the split to choose settings on, so the test set stays unseen by the choice
+            row["val_accuracy"] = loop.evaluate(net, data.val_x, data.val_y, data.mean, data.std,
+                                                batch_size=EVAL_BATCH)[1]
         for tta, key in (("none", "test_accuracy"), ("flip", "test_accuracy_flip_tta"),
                          ("flip_shift", "test_accuracy_tta")):
             row[key] = loop.evaluate(net, data.test_x, data.test_y, data.mean, data.std,
                                        batch_size=EVAL_BATCH, tta=tta)[1]
         seeds.append(row)
-        print(f"seed {seed}: {seconds:.2f} s, test accuracy {row['test_accuracy']:.4f} "
+        extra = (f", {fit.epochs} epochs" if fit else "") + (
+            f", val accuracy {row['val_accuracy']:.4f}" if "val_accuracy" in row else "")
+        print(f"seed {seed}: {seconds:.2f} s{extra}, test accuracy {row['test_accuracy']:.4f} "
               f"(flip {row['test_accuracy_flip_tta']:.4f}, flip+shift {row['test_accuracy_tta']:.4f})", flush=True)
 
     summary = {}
-    for key in ("train_seconds", "test_accuracy", "test_accuracy_flip_tta", "test_accuracy_tta"):
-        values = [row[key] for row in seeds]
+    for key in ("train_seconds", "test_accuracy", "test_accuracy_flip_tta", "test_accuracy_tta", "val_accuracy",
+                "epochs"):
+        values = [row[key] for row in seeds if key in row]
+        if not values:
+            continue
         summary[key] = {"median": statistics.median(values), "mean": statistics.fmean(values),
                         "min": min(values), "max": max(values)}
     print(f"{len(seeds)} seed(s), {args.recipe} recipe on {hw.device}: training median "
@@ -174,6 +194,13 @@ def run(args: argparse.Namespace) -> dict:
             "recipe": args.recipe, "config": asdict(base), "data": {"uri": args.data, "digest": data.digest,
             "source": data.source, "train_size": len(data.train_y), "test_size": len(data.test_y)},
             "augment_workers": workers, "compile_warmup_seconds": warmup_s, "seeds": seeds, "summary": summary}
+
+
+def budget_seconds(text: str) -> float:
+    try:
+        return budget.parse_seconds(text)
+    except StepError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -195,6 +222,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--whiten-bias-epochs", type=int, help="override the recipe's (0 = the bias trains throughout)")
     p.add_argument("--freeze-bn-scale", choices=["true", "false"], help="override the recipe's")
     p.add_argument("--bn-bias-lr", type=float, help="override the recipe's (the BatchNorm biases' LR multiple, sgd)")
+    p.add_argument("--label-smoothing", type=float, help="override the recipe's")
+    p.add_argument("--ema", type=float, help="override the recipe's (per-step decay, 0 = off)")
+    p.add_argument("--pct-start", type=float, help="override the recipe's (share of the steps warming up)")
+    p.add_argument("--weight-decay", type=float, help="override the recipe's")
+    p.add_argument("--time-budget", type=budget_seconds, help="seconds (or 90s, 15m) for each seed's training: "
+                   "the epochs that fit are chosen as train chooses them (do not give --epochs with it)")
+    p.add_argument("--val-size", type=int, default=0,
+                   help="training images held out, class-balanced as download_data does, to choose settings on")
     p.add_argument("--augment-workers", type=int,
                    help="processes for a per-image (albumentations) policy; train's choice unless given")
     p.add_argument("--train-limit", type=int, default=0, help="first N training images only (smoke runs)")

@@ -39,7 +39,7 @@ from steps.download_data import VAL_SIZE
 from steps.errors import StepError
 from steps.model_card import CardInputs, model_card
 from steps.lifeline import name_main, wait_or_stop
-from steps.options import WHOLE, OrNotGiven, log_params
+from steps.options import DURATION, WHOLE, OrNotGiven, log_params
 from steps.runtime import ERROR_TAG, step_command
 from steps.recipes import TrainConfig, choose_recipe, recipe_model, resolve_config, validate
 
@@ -56,6 +56,7 @@ class PipelineConfig:
     batch_size: int | None = None
     max_lr: float | None = None  # 0 = run find_lr for each model and take its suggestion
     aug: str | None = None  # augmentation policy name, see steps.augment
+    time_budget: float = 0.0  # seconds for each training, its epochs chosen to fit (steps.budget); 0 = off
     seed: int = 0
     train_limit: int = 0  # class-balanced subset sizes, 0 = all
     test_limit: int = 0
@@ -128,7 +129,8 @@ def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> 
 
 def main_options(cfg: PipelineConfig) -> dict[str, object]:
     """The train options main passes on; None = not given, the recipe's."""
-    return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_lr": cfg.max_lr, "aug": cfg.aug}
+    return {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "max_lr": cfg.max_lr, "aug": cfg.aug,
+            "time_budget": cfg.time_budget or None}
 
 
 def train_config(model: str, recipe: str, cfg: PipelineConfig) -> TrainConfig:
@@ -148,7 +150,7 @@ def step_params(model: str, data_uri: str, recipe: str, cfg: PipelineConfig) -> 
     train_params = {"data": data_uri, "recipe": recipe, "model": model, "seed": cfg.seed, **given}
     if resolved.max_lr > 0:
         return train_params, None
-    find_lr_params = {k: v for k, v in train_params.items() if k not in ("max_lr", "epochs")}
+    find_lr_params = {k: v for k, v in train_params.items() if k not in ("max_lr", "epochs", "time_budget")}
     return train_params, find_lr_params
 
 
@@ -256,6 +258,8 @@ def run_pipeline(cfg: PipelineConfig) -> tuple[str, bool]:
 @click.option("--batch-size", type=OrNotGiven(WHOLE), help="The recipe's when empty.")
 @click.option("--max-lr", type=OrNotGiven(click.FLOAT), help="0 = find it with find_lr; the recipe's when empty.")
 @click.option("--aug", type=OrNotGiven(click.STRING), help="The recipe's when empty.")
+@click.option("--time-budget", type=DURATION, default=0, show_default=True,
+              help="Seconds for each training, or 90s, 15m, 1h: the epochs that fit are chosen; 0 = off.")
 @click.option("--seed", type=WHOLE, default=PipelineConfig.seed, show_default=True)
 @click.option("--train-limit", type=WHOLE, default=PipelineConfig.train_limit, show_default=True)
 @click.option("--test-limit", type=WHOLE, default=PipelineConfig.test_limit, show_default=True)

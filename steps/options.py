@@ -20,6 +20,9 @@ from collections.abc import Mapping
 import click
 import mlflow
 
+from steps.budget import parse_seconds
+from steps.errors import StepError
+
 log = logging.getLogger(__name__)
 
 
@@ -57,6 +60,20 @@ class WholeNumber(click.ParamType):
 
 
 WHOLE = WholeNumber()
+
+
+class Duration(click.ParamType):
+    """Seconds, given as a number or with a unit (90s, 15m, 1h): parse_seconds."""
+    name = "duration"
+
+    def convert(self, value, param, ctx) -> float:
+        try:
+            return parse_seconds(value)
+        except StepError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
 
 
 def _same(logged: str, value) -> bool:

@@ -53,6 +53,7 @@ class TrainConfig:
     freeze_bn_scale: bool = False  # BatchNorm scales fixed at 1 (optim.freeze_bn_scales); their biases train
     bn_bias_lr: float = 1.0  # the BatchNorm biases' LR as a multiple of the schedule's (sgd only), same decay per step
     test_every: int = 1  # train's test pass runs after every test_every-th epoch and after the last (1 = each epoch)
+    time_budget: float = 0.0  # seconds for the training; > 0: epochs are chosen to fit it (steps.budget), 0 = off
 
 
 # Presets of TrainConfig fields (fields not named keep TrainConfig's defaults). SGD is always
@@ -140,6 +141,8 @@ def gpu_warning(recipe: str, device_type: str) -> str | None:
 def resolve_config(recipe: str, given: dict[str, object]) -> TrainConfig:
     """TrainConfig from the recipe's values, overridden by every option in `given` that is not
     None (None = not given). Unknown field names are a programming error, not a user's."""
+    if given.get("time_budget") and given.get("epochs") is not None:
+        raise StepError("give epochs or a time budget, not both: with a budget the epochs that fit are chosen")
     return TrainConfig(**{**_preset(recipe), **{k: v for k, v in given.items() if v is not None}})
 
 
@@ -165,6 +168,8 @@ def validate(cfg: TrainConfig) -> None:
         raise StepError(f"bn_bias_lr other than 1 needs optimizer sgd, not {cfg.optimizer!r}")
     if cfg.test_every < 1:
         raise StepError(f"test_every is a number of epochs >= 1 (1 = a test pass after each); got {cfg.test_every}")
+    if not 0 <= cfg.time_budget < math.inf:
+        raise StepError(f"time_budget is a number of seconds, 0 = off; got {cfg.time_budget}")
     if cfg.whiten_bias_epochs < 0:
         raise StepError(f"whiten_bias_epochs is a number of epochs, 0 = the bias trains throughout; got {cfg.whiten_bias_epochs}")
     if cfg.low_res:

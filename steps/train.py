@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from cifar_models.inference import ModelSpec, save_network
 from cifar_models.summary import summary
-from steps import batches, checkpoints, hardware, loop, lr_range, schedules
+from steps import batches, budget, checkpoints, hardware, loop, lr_range, schedules
 from steps.artifacts import MODEL_ID_TAG, SUGGESTED_LR_METRIC, SUMMARY, WEIGHTS_DIR
 from steps.code_version import code_version
 from steps.augment import POLICIES
@@ -58,7 +58,7 @@ from steps.data import CifarData, data_inputs, load_data, numpy_dataset
 from steps.errors import StepError
 from steps import find_lr as find_lr_step
 from steps.find_lr import log_range_test, range_test
-from steps.options import WHOLE, OrNotGiven, log_params, recipe_param
+from steps.options import DURATION, WHOLE, OrNotGiven, log_params, recipe_param
 from steps.recipes import (AUTO, RECIPES, TrainConfig, choose_recipe, gpu_warning, resolve_config, tests_after,
                            validate)
 from steps.runtime import retry, step_command
@@ -160,7 +160,11 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
     key = checkpoints.checkpoint_key(cfg, data.digest, code_version(), mlflow.get_tracking_uri())
     folder = checkpoints.checkpoint_root() / key
     run_id = mlflow.active_run().info.run_id
-    log_params({**asdict(cfg), **recipe_param(recipe), "data": data_uri, "data_digest": data.digest})
+    # With a time budget the epochs are the run's to choose (steps.budget): logged once chosen.
+    # The budget itself goes in seconds, beside the "15m" that mlflow run may have logged.
+    params = {k: v for k, v in asdict(cfg).items() if k != "time_budget" and not (cfg.time_budget and k == "epochs")}
+    log_params({**params, **recipe_param(recipe), "time_budget_seconds": cfg.time_budget, "data": data_uri,
+                "data_digest": data.digest})
     mlflow.set_tags({"data_digest": data.digest, "device": str(hw.device), "hardware": hardware.describe(hw.device),
                      "checkpoint_key": key,
                      "precision": str(hw.autocast or torch.float32).removeprefix("torch.")})
@@ -177,8 +181,10 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
 
 def _train_locked(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, path: Path, key: str,
                   run_id: str, interval: float) -> dict[str, float]:
+    began = time.monotonic()
     training = start_training(cfg, data, hw)
     state = checkpoints.read_checkpoint(path, key) if path.is_file() else None
+    train_set = training_set(data, training.policy, hw)
 
     if state is None:
         max_lr, lr_source, lr_test = resolve_max_lr(cfg, training.model, training.optimizer, data, hw)
@@ -191,6 +197,8 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, path
     if lr_test is not None:
         log_range_test(lr_range.RangeTest(**lr_test), f"{cfg.model}, {cfg.optimizer}")
     log_params({"max_lr_used": max_lr, "max_lr_source": lr_source})
+    if cfg.time_budget:
+        cfg = budgeted(cfg, state, training, train_set, data, hw, time.monotonic() - began)
 
     steps_per_epoch = batches.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
     lr_at = schedules.SCHEDULES[cfg.schedule](cfg, max_lr, cfg.epochs * steps_per_epoch)
@@ -207,7 +215,6 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, path
         close_dead_run(state["run_id"])
         log.info("resuming from %s: %d of %d epochs done (run %s)", path, start_epoch, cfg.epochs, state["run_id"])
 
-    train_set = training_set(data, training.policy, hw)
     tty = sys.stderr.isatty()
     queued: list[Callable[[], None]] = []
     saved_at = time.monotonic()
@@ -241,6 +248,8 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, path
         log.info("epoch %d/%d: train loss %.4f acc %.4f | %s | lr %.4g | %.2f s",
                  epoch, cfg.epochs, train_loss, train_acc, tested, values["lr"], epoch_seconds)
 
+    if cfg.time_budget:  # what the budget covered in this process: set-up, timing, epochs and test passes
+        queued.append(log_metrics_queued({"budget_used_seconds": time.monotonic() - began}, cfg.epochs))
     for settle in queued:
         settle()
     if timed:
@@ -250,6 +259,24 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, path
     log_model(training.result, cfg.model, data)
     mlflow.log_metric("train_seconds", seconds)
     return history[cfg.epochs]  # tests_after: the last epoch always has its test pass
+
+
+def budgeted(cfg: TrainConfig, state: dict | None, training: Training, train_set: tuple, data: CifarData,
+             hw: hardware.Hardware, spent: float) -> TrainConfig:
+    """cfg with the epochs its time budget fits, measured here (steps.budget), or, on a resume,
+    the ones the interrupted run chose: its schedule is the one being resumed."""
+    if state is not None:
+        epochs = state["config"]["epochs"]
+        log.info("time budget: resuming the %d epochs the interrupted run chose", epochs)
+        log_params({"epochs": epochs})
+        return replace(cfg, epochs=epochs)
+    fitted, fit = budget.fit_budget(cfg, training, train_set, data, hw, spent)
+    log_params({"epochs": fitted.epochs, "budget_low_res_epochs": fit.low_res_epochs,
+                "budget_step_seconds": fit.pace.step_seconds, "budget_low_res_step_seconds": fit.pace.low_res_step_seconds,
+                "budget_test_seconds": fit.pace.test_seconds, "budget_probe_seconds": fit.pace.probe_seconds,
+                "budget_predicted_seconds": fit.predicted_seconds})
+    mlflow.set_tag("budget_choice", fit.reason(cfg.time_budget))
+    return fitted
 
 
 def training_state(training: Training, scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
@@ -307,6 +334,8 @@ def _default(name: str) -> str:
 @click.option("--freeze-bn-scale", type=OrNotGiven(click.BOOL), help=f"true/false: BatchNorm scales fixed at 1; {_default('freeze_bn_scale')}.")
 @click.option("--bn-bias-lr", type=OrNotGiven(click.FLOAT), help=f"BatchNorm biases' LR as a multiple of the rest's (sgd); {_default('bn_bias_lr')}.")
 @click.option("--test-every", type=OrNotGiven(WHOLE), help=f"A test pass after every n-th epoch and the last; {_default('test_every')}.")
+@click.option("--time-budget", type=OrNotGiven(DURATION),
+              help="Seconds for the training, or 90s, 15m, 1h: the epochs that fit are chosen on this machine; 0 = off.")
 @click.option("--seed", default=TrainConfig.seed, type=WHOLE, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu or cuda.")
 @click.option("--precision", default="auto", show_default=True, help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32; channels_last always.")

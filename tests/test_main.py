@@ -127,6 +127,10 @@ def test_step_params_pass_the_recipe_and_only_the_options_given():
     # max_lr 0 given over a recipe that has one: find_lr on the cpu recipe (Muon, whitening).
     _, find_lr = step_params("fast_net", "d", "cpu", PipelineConfig(max_lr=0.0, batch_size=256))
     assert find_lr == {"data": "d", "recipe": "cpu", "model": "fast_net", "seed": 0, "batch_size": 256}
+    # A time budget reaches train only (it chooses the epochs), and not when off.
+    train, find_lr = step_params("fast_net", "d", "cpu", PipelineConfig(time_budget=900.0, max_lr=0.0))
+    assert train["time_budget"] == 900.0 and "time_budget" not in find_lr
+    assert "time_budget" not in step_params("fast_net", "d", "cpu", PipelineConfig())[0]
 
 
 def test_reuse_needs_every_parameter_of_the_entry_point_equal(tracking_uri):
@@ -169,6 +173,7 @@ def test_mlflow_experiment_name_puts_the_whole_pipeline_in_that_experiment(tmp_p
     ({"recipe": "turbo"}, "unknown recipe 'turbo'; known: auto, reference, fast, cpu"),
     # The cpu recipe's first epochs are 24x24, which custom_resnet's last pool cannot take.
     ({"recipe": "cpu", "models": "fast_net_small,custom_resnet"}, "custom_resnet cannot take 24x24 images"),
+    ({"epochs": "3", "time_budget": "15m"}, "give epochs or a time budget, not both"),
 ])
 def test_a_config_train_would_refuse_is_refused_before_any_step(tmp_path, tracking_uri, overrides, error):
     result = run_main(tmp_path, tracking_uri, **overrides)

@@ -72,7 +72,7 @@ def test_the_benchmark_trains_the_network_train_logs(synthetic_data_dir, trackin
 
     hw = hardware.hardware("cpu")
     data = load_data(str(synthetic_data_dir))
-    net = train_speed.train_seed(cfg, data, hw, training_set(data, build_policy(cfg.aug, data.mean), hw))
+    net, _ = train_speed.train_seed(cfg, data, hw, training_set(data, build_policy(cfg.aug, data.mean), hw))
     timed = net.state_dict()
     assert timed.keys() == logged.keys() and all(torch.equal(timed[k], logged[k]) for k in timed)
 
