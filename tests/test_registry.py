@@ -179,12 +179,50 @@ class WritesLate:
         return self.client.set_registered_model_alias(name, alias, version)
 
 
-def scored_version(client, accuracy: float) -> str:
-    """A version with the validation tags main sets before it decides."""
-    version = add_version(client)
-    client.set_model_version_tag(NAME, version, "val_accuracy", repr(accuracy))
-    client.set_model_version_tag(NAME, version, "val_digest", "v1")
+def scored_version(client, accuracy: float, name: str = NAME) -> str:
+    """A version with the validation tags main sets before it decides, from a finished run."""
+    run = client.create_run(client.get_experiment_by_name("Default").experiment_id)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    if not client.search_registered_models(f"name='{name}'"):
+        client.create_registered_model(name)
+    version = str(client.create_model_version(name, f"runs:/{run.info.run_id}/weights", run.info.run_id).version)
+    client.set_model_version_tag(name, version, "val_accuracy", repr(accuracy))
+    client.set_model_version_tag(name, version, "val_digest", "v1")
     return version
+
+
+def decide_at_once(client, name: str, first: float, second: float, late: str) -> dict[str, bool]:
+    """Versions 1 and 2 (with these validation accuracies) are registered, then both decide
+    against no champion; `late`'s write of the alias lands after the other has decided and
+    settled, which the write of the old decide_champion simply won. Returns who said champion."""
+    versions = {scored_version(client, first, name): first, scored_version(client, second, name): second}
+    assert list(versions) == ["1", "2"]
+    x, y = np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64)
+
+    def decide(version: str, on) -> bool:
+        score = registry.Score(versions[version], "val", "v1", 5000)
+        return registry.decide_champion(on, name, client.get_model_version(name, version), score, x, y)
+
+    other = "2" if late == "1" else "1"
+    results = {}
+    racing = WritesLate(client, meanwhile=lambda: results.update({other: decide(other, client)}))
+    results[late] = decide(late, racing)
+    assert racing.meanwhile is None  # the other did decide in between
+    return results
+
+
+def assert_settled(client, name: str, winner: str) -> None:
+    """`champion` on the winner alone, `challenger` on the newer; each version's decision the
+    one the rule takes in registration order, and only the champion's card says it became
+    champion, once."""
+    loser = "2" if winner == "1" else "1"
+    assert [v for v in ("1", "2") if registry.CHAMPION in client.get_model_version(name, v).aliases] == [winner]
+    assert str(client.get_model_version_by_alias(name, registry.CHALLENGER).version) == "2"
+    assert client.get_model_version(name, winner).tags["champion_decision"].startswith("promoted: ")
+    assert client.get_model_version(name, loser).tags["champion_decision"].startswith(
+        "promoted: " if loser == "1" else "kept: ")
+    assert client.get_model_version(name, winner).description.count("Became champion") == 1
+    assert "Became champion" not in (client.get_model_version(name, loser).description or "")
 
 
 @pytest.mark.parametrize("first, second, winner", [
@@ -194,33 +232,9 @@ def scored_version(client, accuracy: float) -> str:
 ])
 @pytest.mark.parametrize("late", ["1", "2"])
 def test_two_versions_deciding_at_once_settle_on_the_better(client, first, second, winner, late):
-    """Both are registered, then both find no champion; `late`'s write of the alias lands after
-    the other has decided and settled, which the write of the old decide_champion simply won."""
-    versions = {"1": scored_version(client, first), "2": scored_version(client, second)}
-    accuracy = {"1": first, "2": second}
-    x, y = np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64)
-
-    def decide(version: str, on) -> bool:
-        score = registry.Score(accuracy[version], "val", "v1", 5000)
-        return registry.decide_champion(on, NAME, client.get_model_version(NAME, version), score, x, y)
-
-    other = "2" if late == "1" else "1"
-    results = {}
-    racing = WritesLate(client, meanwhile=lambda: results.update({other: decide(other, client)}))
-    results[late] = decide(late, racing)
-    assert racing.meanwhile is None  # the other did decide in between
-    assert champion(client) == winner
-    assert results == {v: v == winner for v in versions}
-    assert [v for v in versions if registry.CHAMPION in client.get_model_version(NAME, v).aliases] == [winner]
-    assert str(client.get_model_version_by_alias(NAME, registry.CHALLENGER).version) == "2"
-    # Each version's decision is the one the rule takes in registration order, and only the
-    # champion's card says it became champion, once.
-    loser = "2" if winner == "1" else "1"
-    assert client.get_model_version(NAME, winner).tags["champion_decision"].startswith("promoted: ")
-    assert client.get_model_version(NAME, loser).tags["champion_decision"].startswith(
-        "promoted: " if loser == "1" else "kept: ")
-    assert client.get_model_version(NAME, winner).description.count("Became champion") == 1
-    assert "Became champion" not in (client.get_model_version(NAME, loser).description or "")
+    results = decide_at_once(client, NAME, first, second, late)
+    assert results == {"1": winner == "1", "2": winner == "2"}
+    assert_settled(client, NAME, winner)
 
 
 def test_a_rollback_by_hand_holds_against_later_decisions(client):

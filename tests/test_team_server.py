@@ -33,6 +33,7 @@ from steps.champion import margin
 from steps.data import synthetic
 from tests.conftest import REPO, mlflow_run_env
 from tests.test_pyfunc import encode
+from tests.test_registry import assert_settled, decide_at_once
 from tests.test_serving import post, predictions, split
 
 pytestmark = pytest.mark.slow
@@ -249,3 +250,16 @@ def test_two_users_share_a_server_and_the_champion_is_served_from_it(team, tmp_p
     np.testing.assert_allclose([row["probabilities"] for row in rows], np.stack(expected["probabilities"]),
                                atol=1e-5, rtol=0)
     print(f"two mains at once {concurrent_s:.0f} s, rerun {rerun_s:.0f} s, serve {serve_s:.0f} s")
+
+
+@pytest.mark.parametrize("first, second, winner, late", [
+    (0.60, 0.80, "2", "1"),  # the worse one's alias write lands last
+    (0.80, 0.81, "1", "2"),  # within the margin: the first registered stays though the second wrote last
+])
+def test_two_decisions_at_once_settle_alike_through_the_server(team, first, second, winner, late):
+    """tests/test_registry.py's forced interleaving of two decisions, through the REST API to
+    PostgreSQL: the settling needs nothing of the store but reads and writes."""
+    client = MlflowClient(team.url)
+    name = f"race-{first}-{second}"
+    assert decide_at_once(client, name, first, second, late) == {"1": winner == "1", "2": winner == "2"}
+    assert_settled(client, name, winner)
