@@ -87,18 +87,17 @@ def as_logged(params: dict[str, str]) -> dict[str, str]:
 
 
 def find_finished(client: MlflowClient, experiment_id: str, entry_point: str, params: dict[str, str], code: str):
-    """A finished run of this entry point with exactly these parameters (every one the entry
-    point declares, as as_logged gives them) and this code, or None."""
+    """The first-finished run of this entry point with exactly these parameters (every one the
+    entry point declares, as as_logged gives them) and this code, or None. The first to finish,
+    so that users who ran the same step at once go on from one run (run_step)."""
     runs = client.search_runs(
         [experiment_id],
         filter_string=(f"tags.`mlflow.project.entryPoint` = '{entry_point}' and tags.`{CODE_TAG}` = '{code}' "
                        "and attributes.status = 'FINISHED'"),
         order_by=["attributes.start_time DESC"],
     )
-    for run in runs:
-        if all(run.data.params.get(k) == v for k, v in params.items()):
-            return run
-    return None
+    matches = [run for run in runs if all(run.data.params.get(k) == v for k, v in params.items())]
+    return min(matches, key=lambda run: run.info.end_time or 0, default=None)
 
 
 def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> str:
@@ -124,6 +123,12 @@ def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> 
         tags = client.get_run(submitted.run_id).data.tags
         reason = tags.get(ERROR_TAG, "see the step's output above")
         raise StepError(f"{entry_point} failed: {reason} (run {submitted.run_id}); run main again to resume from this step")
+    # Another user of the same store may have run the same step at the same time and finished
+    # first: go on from that run, as a later command will, so that what follows is reused.
+    first = find_finished(client, experiment_id, entry_point, as_logged(params), code)
+    if first is not None and first.info.run_id != submitted.run_id:
+        log.info("%s: run %s of the same step finished first; going on from it", entry_point, first.info.run_id)
+        return first.info.run_id
     return submitted.run_id
 
 

@@ -5,13 +5,19 @@ the newest version the pipeline registered; `champion` is what serving should us
 when a candidate beats it on the same validation images by more than PROMOTION_MARGIN_SE
 standard errors (so two equal models do not swap it on noise), or by hand with `promote`. The
 test set is reported on every version and never decides.
+
+Several `main`s and `promote`s may share one registry (a team's `mlflow server`), and MLflow
+has no compare-and-set for an alias: each writes what it decided, then settles. A version
+records what it decided on (steps.champion), and settle_aliases points the aliases where the
+rule puts them given every record in the registry, re-reading after each write until a read
+changes nothing; whichever process settles last so leaves the same answer, on any store.
 """
 
 import logging
-import math
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +26,8 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from steps.champion import (ANCHOR_TAG, PROMOTION_MARGIN_SE, RECORD_TAG, Anchor, Outcome, Record, Score,  # noqa: F401
+                            margin, settle)
 from steps.errors import StepError, first_line
 from steps.runtime import retry
 
@@ -27,11 +35,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-
-
-# A challenger must beat the champion by this many standard errors of the champion's accuracy
-# on the decision images: two, so that equal models swap it by chance about 2% of the time.
-PROMOTION_MARGIN_SE = 2.0
+SETTLE_ROUNDS = 10  # each round reads the registry; one that writes nothing ends it
 
 
 @dataclass(frozen=True)
@@ -41,20 +45,6 @@ class Candidate:
     train_run_id: str
     eval_run_id: str
     val_accuracy: float | None = None  # None when the data has no validation split
-
-
-@dataclass(frozen=True)
-class Score:
-    """What a version is chosen on: its accuracy on one set of images."""
-    accuracy: float
-    split: str  # "val", or "test" when the data has no validation split
-    digest: str  # of those images: only scores on the same images compare
-    images: int
-
-
-def margin(accuracy: float, images: int) -> float:
-    """PROMOTION_MARGIN_SE standard errors of an accuracy measured on `images` images."""
-    return PROMOTION_MARGIN_SE * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / max(images, 1))
 
 
 def set_alias(client: MlflowClient, name: str, alias: str, version: int | str, attempts: int = 5,
@@ -109,39 +99,103 @@ def champion_accuracy(champion, name: str, score: Score, x: np.ndarray, y: np.nd
 
 
 def note_champion(client: MlflowClient, name: str, version: str, decision: str) -> None:
-    """Append to the version's description (its model card) when and why it became champion."""
+    """Append to the version's description (its model card) when and why it became champion,
+    unless its last line says so already (two processes settling on it at once)."""
     description = client.get_model_version(name, version).description or ""
+    last = description.rstrip().rsplit("\n\n", 1)[-1]
+    if last.startswith("Became champion on ") and last.endswith(f": {decision}"):
+        return
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     client.update_model_version(name, version, description=f"{description.rstrip()}\n\nBecame champion on {when}: "
                                                            f"{decision}\n")
 
 
+def all_versions(client: MlflowClient, name: str) -> dict[str, dict[str, str]]:
+    """Every version of the registered model: version -> its tags."""
+    versions, token = {}, None
+    while True:
+        page = client.search_model_versions(f"name='{name}'", page_token=token)
+        versions.update({str(v.version): dict(v.tags) for v in page})
+        token = page.token
+        if not token:
+            return versions
+
+
+def read_anchor(client: MlflowClient, name: str) -> Anchor | None:
+    text = client.get_registered_model(name).tags.get(ANCHOR_TAG)
+    try:
+        return None if text is None else Anchor.from_json(text)
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s: unreadable %s tag %r; ignored", name, ANCHOR_TAG, text)
+        return None
+
+
+def write_anchor(client: MlflowClient, name: str, text: str | None, attempts: int = 5, delay_s: float = 0.05) -> None:
+    """Set the ANCHOR_TAG (or delete it, for None), retrying as set_alias does: the SQL store
+    inserts a first tag as it inserts a first alias."""
+    write = (partial(client.delete_registered_model_tag, name, ANCHOR_TAG) if text is None
+             else partial(client.set_registered_model_tag, name, ANCHOR_TAG, text))
+    try:
+        retry(write, attempts, delay_s, MlflowException)
+    except MlflowException as exc:
+        raise StepError(f"could not record the promotion on {name!r}: {first_line(exc) or type(exc).__name__}") from None
+
+
+def settle_aliases(client: MlflowClient, name: str, notes: Mapping[str, str] | None = None) -> Outcome | None:
+    """Point `champion` and `challenger` where steps.champion.settle puts them given the registry's
+    records, reading again after every write until a round finds nothing to change: a process
+    that wrote before another's records were readable, or that overwrote another's settled
+    alias, so corrects itself. The version this leaves as champion, if it moved `champion` there,
+    gets a line in its card: notes[v] or its decision. Returns the outcome; None (and no change)
+    when nothing is recorded."""
+    moved = None  # the last version this process pointed `champion` at
+    for _ in range(SETTLE_ROUNDS):
+        outcome = settle(read_anchor(client, name), all_versions(client, name))
+        if outcome is None:
+            return None
+        wrote = False
+        for alias, target in ((CHAMPION, outcome.champion), (CHALLENGER, outcome.challenger)):
+            current = version_or_none(client, name, alias)
+            if target is None or (current is not None and str(current.version) == target):
+                continue
+            set_alias(client, name, alias, target)
+            wrote = True
+            moved = target if alias == CHAMPION else moved
+        if not wrote:
+            if moved is not None and moved == outcome.champion:  # not one this process wrote and then corrected
+                why = (notes or {}).get(moved) or outcome.decisions.get(moved, "settled from the registry's records")
+                note_champion(client, name, moved, why)
+            return outcome
+    raise StepError(f"the aliases of {name!r} did not settle in {SETTLE_ROUNDS} rounds: other processes keep moving them")
+
+
 def decide_champion(client: MlflowClient, name: str, version, score: Score, x: np.ndarray, y: np.ndarray) -> bool:
-    """Move `champion` to `version` if it beats the current champion on the same images by more
-    than the margin (or there is none). Returns whether it moved; the decision, both numbers and
-    the margin go to the log and the version's `champion_decision` tag."""
+    """Record what `version` decides on: its score, and the current champion's accuracy on the same
+    images (measured now if it was scored on others); then settle the aliases (settle_aliases).
+    `version` is champion if it beats the champion before it by more than the margin, or there
+    is none, or, with other versions deciding at the same time, as steps.champion defines.
+    Returns whether it is champion; its decision goes to the log and its `champion_decision` tag."""
     champion = version_or_none(client, name, CHAMPION)
-    on = f"{score.split} accuracy on {score.images} images"
-    if champion is None:
-        decision = f"promoted: {score.accuracy:.4f} {on}, no champion before"
-        moved = True
-    else:
-        best = champion_accuracy(champion, name, score, x, y)
-        needed = margin(best, score.images)
-        moved = score.accuracy > best + needed
-        decision = (f"{'promoted' if moved else 'kept'}: {score.accuracy:.4f} vs champion v{champion.version} "
-                    f"{best:.4f} + margin {needed:.4f} ({PROMOTION_MARGIN_SE:g} standard errors), {on}")
-    client.set_model_version_tag(name, version.version, "champion_decision", decision)
-    if moved:
-        set_alias(client, name, CHAMPION, version.version)
-        note_champion(client, name, version.version, decision)
-    log.info("v%s: %s", version.version, decision)
-    return moved
+    base_accuracy = None if champion is None else champion_accuracy(champion, name, score, x, y)
+    record = Record(score, None if champion is None else str(champion.version), base_accuracy)
+    client.set_model_version_tag(name, version.version, RECORD_TAG, record.to_json())
+    outcome = settle_aliases(client, name)
+    mine = str(version.version)
+    decision = outcome.decisions.get(mine, f"kept: v{outcome.champion} was made champion by hand after this "
+                                           "version was registered")
+    client.set_model_version_tag(name, mine, "champion_decision", decision)
+    log.info("v%s: %s", mine, decision)
+    if decision.startswith("promoted") and outcome.champion != mine:
+        log.info("v%s, decided at the same time, then beat v%s: %s is on v%s", outcome.champion, mine, CHAMPION,
+                 outcome.champion)
+    return outcome.champion == mine
 
 
 def promote(name: str, version: int | str, client: MlflowClient | None = None) -> tuple[str | None, str]:
     """Point `champion` at `version` (forward, or back for a rollback). Refuses a version that
-    does not exist or whose runs did not finish. Returns (old version or None, new version)."""
+    does not exist or whose runs did not finish. Recorded as the registry's ANCHOR_TAG, so that
+    versions registered before it no longer compete and later ones are compared against it.
+    Returns (old version or None, new version)."""
     client = client or MlflowClient()
     version = str(version)
     try:
@@ -164,8 +218,15 @@ def promote(name: str, version: int | str, client: MlflowClient | None = None) -
         if status != "FINISHED":
             raise StepError(f"v{version} of {name!r} was registered from run {run_id}, which is {status}; refusing")
     old = version_or_none(client, name, CHAMPION)
-    set_alias(client, name, CHAMPION, version)
-    if old is None or str(old.version) != version:
-        note_champion(client, name, version, f"promoted by hand (cifar10-promote), champion before: "
-                                             f"{f'v{old.version}' if old else 'none'}")
-    return (str(old.version) if old else None), version
+    before = client.get_registered_model(name).tags.get(ANCHOR_TAG)
+    write_anchor(client, name, Anchor(version, max(map(int, all_versions(client, name)))).to_json())
+    why = f"promoted by hand (cifar10-promote), champion before: {f'v{old.version}' if old else 'none'}"
+    try:
+        outcome = settle_aliases(client, name, notes={version: why})
+    except StepError:
+        try:  # the promotion failed: it must not take effect at the next settle either
+            write_anchor(client, name, before)
+        except StepError as exc:
+            log.warning("%s", exc)
+        raise
+    return (str(old.version) if old else None), outcome.champion

@@ -155,6 +155,25 @@ def test_reuse_needs_every_parameter_of_the_entry_point_equal(tracking_uri):
         all_params("train", {"epoch": 1})
 
 
+def test_of_two_identical_finished_runs_the_first_to_finish_is_reused(tracking_uri):
+    """Two users who ran the same step at once both go on from the run that finished first, and
+    so does every later command: what follows it is then reused for both."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from steps.main import CODE_TAG, all_params, as_logged, find_finished
+
+    client = MlflowClient()
+    params = as_logged(all_params("download_data", {"source": "synthetic"}))
+    runs = []
+    for took_ms in (60_000, 20_000, 90_000):  # the second started later and finished first
+        with mlflow.start_run(tags={"mlflow.project.entryPoint": "download_data", CODE_TAG: "c1"}) as run:
+            mlflow.log_params(params)
+        client.set_terminated(run.info.run_id, "FINISHED", end_time=run.info.start_time + took_ms)
+        runs.append(run.info.run_id)
+    assert find_finished(client, "0", "download_data", params, "c1").info.run_id == runs[1]
+
+
 def test_mlflow_experiment_name_puts_the_whole_pipeline_in_that_experiment(tmp_path, tracking_uri):
     """It made every step refuse to start ("Specify only one of 'experiment-name' or
     'experiment-id'"), as main starts them by experiment ID."""

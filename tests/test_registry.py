@@ -135,11 +135,15 @@ def test_promote_retries_an_alias_write_that_lost_a_race(client):
 def test_an_alias_write_that_keeps_failing_is_one_line_and_changes_nothing(client):
     v1, v2 = add_version(client), add_version(client)
     registry.promote(NAME, v1, client=client)
+    anchor = client.get_registered_model(NAME).tags[registry.ANCHOR_TAG]
     with pytest.raises(StepError) as info:
         registry.promote(NAME, v2, client=LosesRaces(client, fail=99))
     assert str(info.value) == (f"could not point 'champion' of '{NAME}' at v{v2}: "
                                "(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases")
     assert champion(client) == v1
+    # Nor will the next settle make it: the failed promotion's record is undone.
+    assert client.get_registered_model(NAME).tags[registry.ANCHOR_TAG] == anchor
+    assert registry.settle_aliases(client, NAME).champion == v1
 
 
 def test_concurrent_promotes_leave_one_existing_champion(client, tracking_uri):
@@ -153,3 +157,101 @@ def test_concurrent_promotes_leave_one_existing_champion(client, tracking_uri):
     assert champion(client) in versions
     aliased = [v for v in versions if registry.CHAMPION in client.get_model_version(NAME, v).aliases]
     assert aliased == [champion(client)]
+
+
+# --- two decisions at once: the real decide_champion on a real registry, interleaved by hand ---
+
+class WritesLate:
+    """The real client, except that just before its first write of `champion`, `meanwhile` runs:
+    another process's whole decision lands between this one's read of the champion and its
+    write, which then overwrites a champion that was already settled."""
+
+    def __init__(self, client, meanwhile) -> None:
+        self.client, self.meanwhile = client, meanwhile
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def set_registered_model_alias(self, name, alias, version):
+        if alias == registry.CHAMPION and self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        return self.client.set_registered_model_alias(name, alias, version)
+
+
+def scored_version(client, accuracy: float, name: str = NAME) -> str:
+    """A version with the validation tags main sets before it decides, from a finished run."""
+    run = client.create_run(client.get_experiment_by_name("Default").experiment_id)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    if not client.search_registered_models(f"name='{name}'"):
+        client.create_registered_model(name)
+    version = str(client.create_model_version(name, f"runs:/{run.info.run_id}/weights", run.info.run_id).version)
+    client.set_model_version_tag(name, version, "val_accuracy", repr(accuracy))
+    client.set_model_version_tag(name, version, "val_digest", "v1")
+    return version
+
+
+def decide_at_once(client, name: str, first: float, second: float, late: str) -> dict[str, bool]:
+    """Versions 1 and 2 (with these validation accuracies) are registered, then both decide
+    against no champion; `late`'s write of the alias lands after the other has decided and
+    settled, which the write of the old decide_champion simply won. Returns who said champion."""
+    versions = {scored_version(client, first, name): first, scored_version(client, second, name): second}
+    assert list(versions) == ["1", "2"]
+    x, y = np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64)
+
+    def decide(version: str, on) -> bool:
+        score = registry.Score(versions[version], "val", "v1", 5000)
+        return registry.decide_champion(on, name, client.get_model_version(name, version), score, x, y)
+
+    other = "2" if late == "1" else "1"
+    results = {}
+    racing = WritesLate(client, meanwhile=lambda: results.update({other: decide(other, client)}))
+    results[late] = decide(late, racing)
+    assert racing.meanwhile is None  # the other did decide in between
+    return results
+
+
+def assert_settled(client, name: str, winner: str) -> None:
+    """`champion` on the winner alone, `challenger` on the newer; each version's decision the
+    one the rule takes in registration order, and only the champion's card says it became
+    champion, once."""
+    loser = "2" if winner == "1" else "1"
+    assert [v for v in ("1", "2") if registry.CHAMPION in client.get_model_version(name, v).aliases] == [winner]
+    assert str(client.get_model_version_by_alias(name, registry.CHALLENGER).version) == "2"
+    assert client.get_model_version(name, winner).tags["champion_decision"].startswith("promoted: ")
+    assert client.get_model_version(name, loser).tags["champion_decision"].startswith(
+        "promoted: " if loser == "1" else "kept: ")
+    assert client.get_model_version(name, winner).description.count("Became champion") == 1
+    assert "Became champion" not in (client.get_model_version(name, loser).description or "")
+
+
+@pytest.mark.parametrize("first, second, winner", [
+    (0.60, 0.80, "2"),  # the later registered is better by more than the margin
+    (0.80, 0.60, "1"),
+    (0.80, 0.81, "1"),  # within the margin of each other: the first registered stays
+])
+@pytest.mark.parametrize("late", ["1", "2"])
+def test_two_versions_deciding_at_once_settle_on_the_better(client, first, second, winner, late):
+    results = decide_at_once(client, NAME, first, second, late)
+    assert results == {"1": winner == "1", "2": winner == "2"}
+    assert_settled(client, NAME, winner)
+
+
+def test_a_rollback_by_hand_holds_against_later_decisions(client):
+    """Settling never undoes a promotion by hand: versions registered before it no longer
+    compete, and later ones are compared against the version it chose."""
+    x, y = np.zeros((1, 32, 32, 3), np.uint8), np.zeros(1, np.int64)
+
+    def decide(accuracy: float) -> tuple[str, bool]:
+        version = scored_version(client, accuracy)
+        score = registry.Score(accuracy, "val", "v1", 5000)
+        return version, registry.decide_champion(client, NAME, client.get_model_version(NAME, version), score, x, y)
+
+    v1, _ = decide(0.80)
+    v2, moved = decide(0.85)
+    assert moved and champion(client) == v2
+    assert registry.promote(NAME, v1, client) == (v2, v1)  # rolled back
+    assert decide(0.81) == ("3", False)  # within the margin of v1: v1 stays, though v2 scored more
+    assert champion(client) == v1
+    v4, moved = decide(0.83)
+    assert moved and champion(client) == v4
