@@ -28,6 +28,12 @@ each epoch once), tags resumed_from_epoch and resumed_from_run, and carries on. 
 at most the interval and one epoch; a run of a few seconds, as the fast recipe's on a GPU, writes
 none, where one per epoch would cost more than a short epoch (benchmarks/README.md, "Epoch
 bookkeeping").
+
+Data-parallel: with nproc_per_node > 1 (or nnodes > 1) this command runs itself again as that
+many processes under torchrun and waits for them (launch_ranks, steps.distributed). Rank 0
+trains under the run as above, with its share of each batch; the other ranks follow it (follow)
+and log nothing; the epoch metrics are averaged over the ranks. nproc_per_node 1 is the single
+process, no torchrun.
 """
 
 import logging
@@ -60,6 +66,7 @@ from steps.data import CifarData, data_inputs, load_data, numpy_dataset
 from steps.errors import StepError, first_line
 from steps import find_lr as find_lr_step
 from steps.find_lr import log_range_test, range_test
+from steps.lifeline import stop_if_main_gone
 from steps.options import WHOLE, OrNotGiven, log_params, recipe_param
 from steps.recipes import (AUTO, RECIPES, TrainConfig, choose_recipe, gpu_warning, resolve_config, tests_after,
                            validate)
@@ -383,17 +390,15 @@ def launch_ranks(launch: distributed.Launch, recipe: str, device: str, given: di
         try:
             distributed.launch(launch, "steps.train", sys.argv[1:])
         except distributed.JobFailed as exc:
-            if launch.node_rank == 0:
-                record_error(str(exc), keep_rank0s=exc.rank == 0)
+            if launch.node_rank == 0 and (run_id := os.environ.get("MLFLOW_RUN_ID")):
+                record_error(run_id, str(exc), keep_rank0s=exc.rank == 0)
+                stop_if_main_gone(run_id)
             raise
 
 
-def record_error(line: str, keep_rank0s: bool) -> None:
-    """line as the error of the run `mlflow run` started (the reason main reports); but when
-    rank 0 failed first and gave its own reason, that one stays."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return
+def record_error(run_id: str, line: str, keep_rank0s: bool) -> None:
+    """line as the run's error (the reason main reports); but when rank 0 failed first and gave
+    its own reason, that one stays."""
     client = MlflowClient()
 
     def tag() -> None:
