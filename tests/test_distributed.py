@@ -75,17 +75,20 @@ def job(tmp_path_factory):
     from steps.recipes import resolve_config
     from steps.train import train
 
-    single_uri = f"sqlite:///{tmp / 'single.db'}"
+    # One thread, as each rank has: two would contend with the rest of a 2-core runner.
+    single_uri, threads = f"sqlite:///{tmp / 'single.db'}", torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp)
         mp.setenv("CIFAR10_CHECKPOINTS", str(tmp / "single-checkpoints"))
         mlflow.set_tracking_uri(single_uri)
+        torch.set_num_threads(1)
         try:
             cfg = resolve_config(CONFIG["recipe"], {"epochs": EPOCHS, "batch_size": CONFIG["batch_size"]})
             with mlflow.start_run():
                 single = train(cfg, str(tmp / "data"), device=CONFIG["device"], precision=CONFIG["precision"])
         finally:
             mlflow.set_tracking_uri(None)
+            torch.set_num_threads(threads)
     client = MlflowClient(uri)
     runs = client.search_runs(["0"], filter_string="tags.`mlflow.project.entryPoint` = 'train'",
                               order_by=["attributes.start_time ASC"])
