@@ -37,7 +37,8 @@ from steps.errors import StepError, first_line
 log = logging.getLogger(__name__)
 
 # How long a rank waits for its peers in one collective. It bounds the hang when a rank on
-# another machine is lost (on one machine torchrun stops the job within a second), and must
+# another machine is lost (on one machine torchrun sees a rank die within its 0.1 s monitor
+# interval and stops the others), and must
 # exceed the longest legitimate wait: the others wait for rank 0's range test (max_lr 0 and no
 # lr_run) and, each epoch, for its test pass and checkpoint.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
