@@ -142,6 +142,7 @@ def launch(launch: Launch, module: str, argv: list[str]) -> None:
     process, and wait for them. A failed rank makes torchrun stop the others; this then raises
     JobFailed naming it (its own error, if it had one, is above in the output)."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
 
@@ -156,6 +157,8 @@ def launch(launch: Launch, module: str, argv: list[str]) -> None:
         rank, line = failure_line(exc.failures)
         raise JobFailed(f"{line}; the other ranks were stopped. Run the same command again to resume from the last "
                         "checkpoint", rank) from None
+    except SignalException as exc:  # torchrun has stopped the ranks; it raises once they are gone
+        raise StepError(f"stopped by {exc.sigval.name}: the ranks were stopped") from None
     except (RendezvousError, dist.DistError) as exc:  # the static rendezvous times out as a DistStoreError
         raise StepError(f"the ranks did not all meet at {launch.rdzv_endpoint or 'a local port'}: "
                         f"{first_line(exc)}") from None
