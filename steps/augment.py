@@ -136,14 +136,24 @@ class TensorPolicy:
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         n, _, h, w = images.shape
-        device = images.device
-        # Parameters are drawn on the CPU from the one checkpointed generator, then moved:
-        # a handful of numbers per image, not worth a device-side generator of their own.
+        return self.apply(images, self.draw(n, h, w, generator))
+
+    def draw(self, n: int, h: int, w: int, generator: torch.Generator) -> torch.Tensor:
+        """The random parameters of n images, (5, n) int64 on the CPU: flip, dy, dx, and the
+        cutout's centre cy, cx. Drawn on the CPU from the one checkpointed generator: a handful
+        of numbers per image, not worth a device-side generator of their own. Apart from
+        apply so that a data-parallel rank draws a whole batch's and applies its share's."""
         flip = torch.rand(n, generator=generator) < 0.5
         dy, dx = torch.randint(-self.max_shift, self.max_shift + 1, (2, n), generator=generator)
         cy = torch.randint(0, h, (n,), generator=generator)
         cx = torch.randint(0, w, (n,), generator=generator)
-        flip, dy, dx, cy, cx = host_to_device(torch.stack([flip.long(), dy, dx, cy, cx]), device)  # one copy
+        return torch.stack([flip.long(), dy, dx, cy, cx])
+
+    def apply(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """images augmented with draw's parameters, one column per image."""
+        n, _, h, w = images.shape
+        device = images.device
+        flip, dy, dx, cy, cx = host_to_device(params, device)  # one copy
         flip = flip.bool()
 
         rows = _reflect(torch.arange(h, device=device)[None, :] + dy[:, None], h)  # (n, h)

@@ -89,6 +89,19 @@ def _stop_this_step(run_id: str, main_pid: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def stop_if_main_gone(run_id: str) -> None:
+    """What watch_main does, once, for a step whose own work has ended: if its main is gone, the
+    run marked KILLED and the step's process group killed. A data-parallel train's launcher
+    calls it when its ranks stopped because rank 0 found main gone; it cannot watch main itself,
+    as killing it would leave torchrun no chance to stop the other ranks, and ending normally
+    would let its `mlflow run` mark the run FAILED over KILLED."""
+    named = os.environ.get(MAIN_ENV)
+    if named:
+        pid, started = named.split(":")
+        if start_time(int(pid)) != started:
+            _stop_this_step(run_id, pid)
+
+
 @contextmanager
 def watch_main(run_id: str) -> Iterator[None]:
     """While the body runs, stop this step within about POLL_S seconds of its main's end.

@@ -30,7 +30,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from cifar_models import list_models
-from steps import registry
+from steps import distributed, registry
 from steps.artifacts import (CALIBRATED_MODEL_TAG, DATA_DIR, OOD_CSV, PER_CLASS_CSV, TEST_ACCURACY_METRIC,
                              VAL_ACCURACY_METRIC)
 from steps.code_version import CODE_TAG, PROJECT_DIR, code_version
@@ -63,6 +63,7 @@ class PipelineConfig:
     val_size: int = VAL_SIZE  # training images held out to choose and promote on; 0 = none (then the test set decides)
     registered_model: str = "cifar10-classifier"
     env_manager: str = "local"  # passed on to every step: children do not inherit it
+    nproc_per_node: int = 1  # train's processes on this machine, one per GPU; > 1: data-parallel (steps.distributed)
 
 
 @cache
@@ -153,6 +154,8 @@ def step_params(model: str, data_uri: str, recipe: str, cfg: PipelineConfig) -> 
     given = {k: v for k, v in main_options(cfg).items() if v is not None}
     resolved = train_config(model, recipe, cfg)
     train_params = {"data": data_uri, "recipe": recipe, "model": model, "seed": cfg.seed, **given}
+    if cfg.nproc_per_node != 1:
+        train_params["nproc_per_node"] = cfg.nproc_per_node
     if resolved.max_lr > 0:
         return train_params, None
     find_lr_params = {k: v for k, v in train_params.items() if k not in ("max_lr", "epochs", "time_budget")}
@@ -235,7 +238,9 @@ def run_pipeline(cfg: PipelineConfig) -> tuple[str, bool]:
     if unknown:
         raise StepError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}")
     for model in models:  # an unknown recipe, or a config train would refuse, stops here, before any step
-        validate(train_config(model, recipe, cfg))
+        resolved = train_config(model, recipe, cfg)
+        validate(resolved)
+        distributed.check_launch(distributed.Launch(cfg.nproc_per_node), resolved.batch_size, resolved.time_budget)
     # Options not given stay as mlflow run logged them; what they resolved to is in the tags.
     log_params({k: v for k, v in asdict(cfg).items() if v is not None and k != "models"})
     mlflow.set_tags({"recipe": recipe, "recipe_reason": why, "models": ",".join(models)})
@@ -272,6 +277,8 @@ def run_pipeline(cfg: PipelineConfig) -> tuple[str, bool]:
               help="Training images held out to choose and promote on (0 = none: the test set decides).")
 @click.option("--registered-model", default=PipelineConfig.registered_model, show_default=True)
 @click.option("--env-manager", default=PipelineConfig.env_manager, show_default=True)
+@click.option("--nproc-per-node", type=WHOLE, default=PipelineConfig.nproc_per_node, show_default=True,
+              help="train's processes on this machine, one per GPU; more than 1 trains data-parallel under torchrun.")
 def cli(models: str | None, **kwargs) -> None:
     cfg = PipelineConfig(models=tuple(m.strip() for m in (models or "").split(",") if m.strip()), **kwargs)
     with step_command():

@@ -82,3 +82,14 @@ def step_command() -> Iterator[mlflow.ActiveRun]:
                 raise
     except StepError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@contextmanager
+def command_without_run() -> Iterator[None]:
+    """step_command's logging and one-line errors without an MLflow run: for the processes of a
+    data-parallel training that do not log (steps.distributed)."""
+    setup_logging()
+    try:
+        yield
+    except StepError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -28,10 +28,18 @@ each epoch once), tags resumed_from_epoch and resumed_from_run, and carries on. 
 at most the interval and one epoch; a run of a few seconds, as the fast recipe's on a GPU, writes
 none, where one per epoch would cost more than a short epoch (benchmarks/README.md, "Epoch
 bookkeeping").
+
+Data-parallel: with nproc_per_node > 1 (or nnodes > 1) this command runs itself again as that
+many processes under torchrun and waits for them (launch_ranks, steps.distributed). Rank 0
+trains under the run as above, with its share of each batch; the other ranks follow it (follow)
+and log nothing; the epoch metrics are averaged over the ranks. nproc_per_node 1 is the single
+process, no torchrun.
 """
 
 import logging
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -50,19 +58,20 @@ from tqdm import tqdm
 
 from cifar_models.inference import ModelSpec, save_network
 from cifar_models.summary import summary
-from steps import batches, budget, checkpoints, hardware, loop, lr_range, schedules
+from steps import batches, budget, checkpoints, distributed, hardware, loop, lr_range, schedules
 from steps.artifacts import MODEL_ID_TAG, SUGGESTED_LR_METRIC, SUMMARY, WEIGHTS_DIR
 from steps.code_version import code_version
 from steps.augment import POLICIES
 from steps.data import CifarData, data_inputs, load_data, numpy_dataset
-from steps.errors import StepError
+from steps.errors import StepError, first_line
 from steps import find_lr as find_lr_step
 from steps.find_lr import log_range_test, range_test
+from steps.lifeline import stop_if_main_gone
 from steps.options import DURATION, WHOLE, OrNotGiven, log_params, recipe_param
 from steps.recipes import (AUTO, RECIPES, TrainConfig, choose_recipe, gpu_warning, resolve_config, tests_after,
                            validate)
-from steps.runtime import retry, step_command
-from steps.training import EVAL_BATCH, Training, start_training, train_epoch, training_set
+from steps.runtime import ERROR_TAG, command_without_run, retry, step_command
+from steps.training import EVAL_BATCH, Training, data_parallel, start_training, train_epoch, training_set
 
 log = logging.getLogger(__name__)
 
@@ -148,15 +157,18 @@ def resolve_max_lr(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Op
 # --- training ------------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str = "auto",
-          recipe: str = "none") -> dict[str, float]:
+          recipe: str = "none", group: distributed.Group | None = None) -> dict[str, float]:
     """Train, or resume training, under the active MLflow run; log the model. Returns the
-    last epoch's metrics. `recipe` is only recorded: cfg is already resolved (resolve_config)."""
+    last epoch's metrics. `recipe` is only recorded: cfg is already resolved (resolve_config).
+    group: rank 0's place in a data-parallel training, whose other ranks run follow."""
     validate(cfg)
     interval = checkpoints.checkpoint_interval()
     hw = hardware.hardware(device, precision)
     if warning := gpu_warning(recipe, hw.device.type):
         log.warning(warning)
     data = load_data(data_uri)
+    if group is not None:
+        distributed.check_batches(len(data.train_y), cfg.batch_size)
     key = checkpoints.checkpoint_key(cfg, data.digest, code_version(), mlflow.get_tracking_uri())
     folder = checkpoints.checkpoint_root() / key
     run_id = mlflow.active_run().info.run_id
@@ -172,7 +184,7 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
                                             "testing": (data.test_x, data.test_y)}):
         mlflow.log_input(numpy_dataset(name, x, y, data_uri), context=context)
     with checkpoints.exclusive(folder):
-        metrics = _train_locked(cfg, data, hw, folder / checkpoints.CHECKPOINT_FILE, key, run_id, interval)
+        metrics = _train_locked(cfg, data, hw, folder / checkpoints.CHECKPOINT_FILE, key, run_id, interval, group)
         # A finished run is the record of the training (metrics, weights); the checkpoint was
         # only there to get it finished, so it goes.
         shutil.rmtree(folder, ignore_errors=True)
@@ -180,7 +192,7 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
 
 
 def _train_locked(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, path: Path, key: str,
-                  run_id: str, interval: float) -> dict[str, float]:
+                  run_id: str, interval: float, group: distributed.Group | None = None) -> dict[str, float]:
     began = time.monotonic()
     training = start_training(cfg, data, hw)
     state = checkpoints.read_checkpoint(path, key) if path.is_file() else None
@@ -194,6 +206,8 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, path
     else:
         max_lr, lr_source, lr_test = state["max_lr"], state["lr_source"], state.get("range_test")
         history, start_epoch, seconds = state["history"], state["epoch"], state["seconds"]
+    if group is not None:  # what follow starts from
+        distributed.broadcast((state, max_lr), group)
     if lr_test is not None:
         log_range_test(lr_range.RangeTest(**lr_test), f"{cfg.model}, {cfg.optimizer}")
     log_params({"max_lr_used": max_lr, "max_lr_source": lr_source})
@@ -204,16 +218,13 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, path
     lr_at = schedules.SCHEDULES[cfg.schedule](cfg, max_lr, cfg.epochs * steps_per_epoch)
     scheduler = schedules.lambda_scheduler(training.optimizer, lr_at)
     if state is not None:
-        training.model.load_state_dict(state["model"])
-        training.optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoints.set_rng_state(training.generator, state["rng"])
-        if training.ema is not None:
-            training.ema.load_state_dict(state["ema"])
+        load_training_state(training, scheduler, state)
         relog_history(run_id, history)
         mlflow.set_tags({"resumed_from_epoch": start_epoch, "resumed_from_run": state["run_id"]})
         close_dead_run(state["run_id"])
         log.info("resuming from %s: %d of %d epochs done (run %s)", path, start_epoch, cfg.epochs, state["run_id"])
+    if group is not None:
+        training = data_parallel(training, cfg, hw, group, start_epoch + 1)
 
     tty = sys.stderr.isatty()
     queued: list[Callable[[], None]] = []
@@ -226,6 +237,8 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, path
             train_loss, train_acc = train_epoch(cfg, training, scheduler, epoch, train_set, data, hw, progress=bar)
         finally:
             bar.close()
+        if group is not None:
+            train_loss, train_acc = distributed.mean([train_loss, train_acc], group)
         # lr: the LR of the epoch's last optimizer step.
         values = {"train_loss": train_loss, "train_accuracy": train_acc, "lr": lr_at(epoch * steps_per_epoch - 1)}
         if tests_after(cfg, epoch):
@@ -277,6 +290,40 @@ def budgeted(cfg: TrainConfig, state: dict | None, training: Training, train_set
                 "budget_predicted_seconds": fit.predicted_seconds})
     mlflow.set_tag("budget_choice", fit.reason(cfg.time_budget))
     return fitted
+
+
+def follow(cfg: TrainConfig, data_uri: str, device: str, precision: str, group: distributed.Group) -> None:
+    """A data-parallel rank other than 0: rank 0's training (train, _train_locked) step for step,
+    with the same collectives in the same order, on its own part of each batch. It starts from
+    the checkpoint and peak LR rank 0 sends, and tests, checkpoints and logs nothing; nor does it
+    keep the EMA, as only rank 0's average is tested and saved."""
+    validate(cfg)
+    hw = hardware.hardware(device, precision)
+    data = load_data(data_uri)
+    distributed.check_batches(len(data.train_y), cfg.batch_size)
+    training = replace(start_training(cfg, data, hw), ema=None)
+    state, max_lr = distributed.broadcast(None, group)
+    steps_per_epoch = batches.num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
+    lr_at = schedules.SCHEDULES[cfg.schedule](cfg, max_lr, cfg.epochs * steps_per_epoch)
+    scheduler = schedules.lambda_scheduler(training.optimizer, lr_at)
+    start_epoch = 0
+    if state is not None:
+        load_training_state(training, scheduler, state)
+        start_epoch = state["epoch"]
+    training = data_parallel(training, cfg, hw, group, start_epoch + 1)
+    train_set = training_set(data, training.policy, hw)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        distributed.mean(list(train_epoch(cfg, training, scheduler, epoch, train_set, data, hw)), group)
+
+
+def load_training_state(training: Training, scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    """A checkpoint's training state (training_state's) loaded back."""
+    training.model.load_state_dict(state["model"])
+    training.optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    checkpoints.set_rng_state(training.generator, state["rng"])
+    if training.ema is not None:
+        training.ema.load_state_dict(state["ema"])
 
 
 def training_state(training: Training, scheduler: torch.optim.lr_scheduler.LRScheduler) -> dict:
@@ -339,10 +386,90 @@ def _default(name: str) -> str:
 @click.option("--seed", default=TrainConfig.seed, type=WHOLE, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu or cuda.")
 @click.option("--precision", default="auto", show_default=True, help="auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32), bf16 or fp32; channels_last always.")
-def cli(data_uri: str, recipe: str, device: str, precision: str, **given) -> None:
-    with step_command():
+@click.option("--nproc-per-node", default=1, type=WHOLE, show_default=True,
+              help="Processes on this machine, one per GPU; more than 1 trains with DistributedDataParallel under "
+                   "torchrun, batch-size staying the global batch.")
+@click.option("--nnodes", default=1, type=WHOLE, show_default=True,
+              help="Machines; start train on each with the same options and its own --node-rank.")
+@click.option("--node-rank", default=0, type=WHOLE, show_default=True,
+              help="This machine's number, 0 to nnodes-1; machine 0 holds rank 0, which logs to MLflow.")
+@click.option("--rdzv-endpoint", default="", help="host:port on machine 0 where several machines meet.")
+def cli(data_uri: str, recipe: str, device: str, precision: str, nproc_per_node: int, nnodes: int, node_rank: int,
+        rdzv_endpoint: str, **given) -> None:
+    launch = distributed.Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
+    if distributed.is_worker():
+        train_rank(data_uri, recipe, device, precision, given)
+    elif launch.parallel:
+        launch_ranks(launch, recipe, device, given)
+    else:
+        with step_command():
+            chosen, _ = choose_recipe(recipe, device)
+            train(resolve_config(chosen, given), data_uri, device, precision, chosen)
+
+
+def launch_ranks(launch: distributed.Launch, recipe: str, device: str, given: dict) -> None:
+    """More than one process asked for: the options checked once, here, then this command run
+    again as torchrun's ranks. The launcher logs nothing to MLflow but, when the training
+    fails, its one line as the run's error if rank 0 gave none (as when another rank was lost)."""
+    with command_without_run():
         chosen, _ = choose_recipe(recipe, device)
-        train(resolve_config(chosen, given), data_uri, device, precision, chosen)
+        cfg = resolve_config(chosen, given)
+        validate(cfg)
+        distributed.check_launch(launch, cfg.batch_size, cfg.time_budget)
+        try:
+            distributed.launch(launch, "steps.train", sys.argv[1:])
+        except distributed.JobFailed as exc:
+            if launch.node_rank == 0 and (run_id := os.environ.get("MLFLOW_RUN_ID")):
+                record_error(run_id, str(exc), keep_rank0s=exc.rank == 0)
+                stop_if_main_gone(run_id)
+            raise
+
+
+def record_error(run_id: str, line: str, keep_rank0s: bool) -> None:
+    """line as the run's error (the reason main reports); but when rank 0 failed first and gave
+    its own reason, that one stays."""
+    client = MlflowClient()
+
+    def tag() -> None:
+        if not (keep_rank0s and ERROR_TAG in client.get_run(run_id).data.tags):
+            client.set_tag(run_id, ERROR_TAG, line)
+
+    retrying("the error", tag)
+
+
+def train_rank(data_uri: str, recipe: str, device: str, precision: str, given: dict) -> None:
+    """One of torchrun's ranks: rank 0 trains under the MLflow run as a single process does, the
+    others follow it without MLflow. When torchrun stops the ranks (SIGTERM, as another rank
+    failed), rank 0's run ends FAILED, and the ranks leave the telling to the launcher."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # KeyboardInterrupt, as SIGINT
+    rank = int(os.environ["RANK"])
+    lead = rank == 0
+    try:
+        with step_command() if lead else command_without_run():
+            if not lead:
+                logging.getLogger().setLevel(logging.WARNING)  # one log, rank 0's
+            group = distributed.join(device)
+            try:
+                chosen, _ = choose_recipe(recipe, device)
+                cfg = resolve_config(chosen, given)
+                if group.lead:
+                    train(cfg, data_uri, group.device, precision, chosen, group)
+                else:
+                    follow(cfg, data_uri, group.device, precision, group)
+            except BaseException:
+                # Failing already (torchrun's SIGTERM soon follows): that SIGTERM must not cut
+                # short rank 0's ending its run FAILED with the reason.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                raise
+            finally:
+                distributed.leave()
+    except KeyboardInterrupt:
+        sys.exit(128 + signal.SIGTERM)
+    except Exception as exc:
+        if not distributed.lost_peer(exc):
+            raise
+        log.warning("rank %d stops: another rank is gone (%s)", rank, first_line(exc))
+        sys.exit(distributed.LOST_PEER_EXIT)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,13 @@ benchmarks/train_speed both go through them, so the benchmark times the recipe t
 import itertools
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import nn
 
-from steps import batches, loop
+from steps import batches, distributed, loop
 from steps.augment import Policy, build_policy
 from steps.averaging import WeightAverage
 from steps.data import CifarData
@@ -41,6 +41,7 @@ class Training:
     generator: torch.Generator  # shuffling and augmentation
     policy: Policy
     loss_fn: nn.Module
+    shard: distributed.Shard | None = None  # a data-parallel rank's part of each batch (data_parallel); None = all
 
     @property
     def result(self) -> nn.Module:
@@ -79,6 +80,19 @@ def compile_mode(hw: Hardware) -> str | None:
     return "reduce-overhead" if hw.device.type == "cuda" else None
 
 
+def data_parallel(training: Training, cfg: TrainConfig, hw: Hardware, group: distributed.Group,
+                  first_epoch: int) -> Training:
+    """training as one rank of a data-parallel run from first_epoch on: its steps through DDP
+    (compiled around DDP, so that torch.compile sees the gradient buckets), its tensor
+    augmentation drawn for the whole batch. Built once the model holds its starting weights
+    (a resume's), which DDP copies from rank 0 to the others."""
+    train_whiten_bias(training.model, whiten_bias_trains(cfg, first_epoch))  # the set DDP registers
+    changes = whiten_bias_trains(cfg, first_epoch) != whiten_bias_trains(cfg, cfg.epochs)
+    ddp = distributed.wrap(training.model, group, trainable_changes=changes)
+    return replace(training, step_model=torch.compile(ddp, mode=compile_mode(hw)) if cfg.compile else ddp,
+                   policy=distributed.sharded(training.policy, group.shard), shard=group.shard)
+
+
 def training_set(data: CifarData, policy: Policy,
                  hw: Hardware) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]:
     """The uint8 images and labels that batches are cut from: moved once to a GPU when nothing
@@ -103,11 +117,13 @@ def train_epoch(cfg: TrainConfig, training: Training, scheduler: torch.optim.lr_
     """Epoch `epoch` (counted from 1) of cfg's training, or its first max_steps steps: the
     whitening bias frozen or not and the image size as the epoch wants them, a fresh shuffle.
     workers: processes for a per-image policy, None = augment_workers(hw); the batches are the
-    same for any number. Returns (mean training loss, training accuracy)."""
+    same for any number. Returns (mean training loss, training accuracy), over this process's
+    images (a data-parallel rank's part of each batch)."""
     train_whiten_bias(training.model, whiten_bias_trains(cfg, epoch))  # set every epoch: a resume lands anywhere
     epoch_batches = batches.iterate_batches(*train_set, cfg.batch_size, generator=training.generator, drop_last=True,
                                             augment=training.policy,
-                                            workers=augment_workers(hw) if workers is None else workers)
+                                            workers=augment_workers(hw) if workers is None else workers,
+                                            shard=training.shard)
     if max_steps is not None:
         epoch_batches = itertools.islice(epoch_batches, max_steps)
     return loop.train_one_epoch(training.step_model, training.optimizer, scheduler, epoch_batches, mean=data.mean,
