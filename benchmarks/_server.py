@@ -265,6 +265,17 @@ def process_status(pid: int) -> dict:
     return {**kb, "threads": int(fields["Threads"]), "command": cmdline.strip()[:120]}
 
 
+def pss_kb(pid: int) -> int:
+    """Proportional set size of a process (Linux): its resident pages, each shared page divided
+    by the number of processes that share it, so that a tree of forked processes sums to what
+    it really holds; 0 if it is gone."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User + system CPU time the processes have used so far (those still alive)."""
     total = 0

@@ -34,6 +34,8 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
+# What `mlflow models serve` runs on a JSON body before and after predict, so that both servers
+# read a request and write a reply alike (private names: tests/test_serving.py holds them to it).
 from mlflow.pyfunc import _validate_prediction_input
 from mlflow.pyfunc.scoring_server import _parse_json_data, predictions_to_json
 from starlette.responses import Response
@@ -79,8 +81,8 @@ class ClassifierAPI(ls.LitAPI):
         self.threads = config.torch_threads()
 
     def setup(self, device: str) -> None:
-        torch.set_num_threads(self.threads)
         self.model = mlflow.pyfunc.load_model(self.model_path)
+        torch.set_num_threads(self.threads)  # after loading: the model may set its own (serving_threads)
         self.classifier = self.model.unwrap_python_model()
         if not hasattr(self.classifier, "classify"):
             raise RuntimeError(f"{self.model_path}: this model predates the batching server; serve it with "
