@@ -524,6 +524,8 @@ def main(args: argparse.Namespace) -> dict:
         "request_bytes_b1": statistics.mean(map(len, bodies[1])), "request_bytes_b64": statistics.mean(map(len, bodies[64])),
         "clients": args.clients, "duration_s": args.duration, "repeats": args.repeats, "workers": args.workers,
         "servers": servers, "server_torch_threads": server_threads, "batching_options": args.batching_options,
+        # This process's and mlflow's server's; the batching server sets PASSIVE unless it is set.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "in_process_threads": sorted({1, server_threads, len(os.sched_getaffinity(0))}),
         "in_process_streams": sorted({len(os.sched_getaffinity(0)), args.clients}),
     }

@@ -206,6 +206,12 @@ def _interrupt(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    # OpenMP threads that wait at a barrier sleep rather than spin. On a host where other work
+    # competes for the cores, a spinning thread takes the time its partner needs to finish: a
+    # two-thread forward took 2.5x the one-thread time at batch 64 spinning, 1.3x sleeping
+    # (benchmarks/README.md, "The batching server"). Read by the inference workers, which
+    # LitServe starts as new processes that import torch afresh.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     config = ServerConfig(max_batch_size=args.max_batch_size, batch_timeout_s=args.batch_timeout,
                           workers=args.workers, threads=args.threads, timeout_s=args.timeout)
     if not (args.model / "MLmodel").is_file():

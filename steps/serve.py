@@ -2,11 +2,11 @@
 
     cifar10-serve -m models:/cifar10-classifier@champion --port 8000
 
-The model is downloaded into a folder (kept beside nothing: a temporary one, unless --model-dir
-says where), and the server is started there as `python -m cifar_models.server <folder>` with
-only the model's code/ on PYTHONPATH, which is what a container does with the same folder, so
-the model serves the code it carries and not this checkout's. The server replaces this process,
-so signals reach it directly.
+The model is downloaded into a folder (a temporary one unless --model-dir says where; a local
+model folder is served where it is), and the server is started on it as
+`python -m cifar_models.server <folder>` with only the model's code/ on PYTHONPATH, as a
+container does with the same folder, so the model serves the code it carries and not this
+checkout's. The server replaces this process, so signals reach it directly.
 """
 
 import os
@@ -16,8 +16,10 @@ from pathlib import Path
 
 import click
 import mlflow
+from mlflow.exceptions import MlflowException
 
-from steps.runtime import setup_logging
+from steps.errors import StepError, first_line
+from steps.runtime import check_tracking_store, setup_logging
 
 SERVER_MODULE = "cifar_models.server"
 
@@ -28,12 +30,16 @@ def download_model(model_uri: str, folder: Path) -> Path:
     if (Path(model_uri) / "MLmodel").is_file():
         local = Path(model_uri).resolve()
     else:
-        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(folder)))
+        check_tracking_store()
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(folder)))
+        except (MlflowException, OSError) as error:
+            raise StepError(f"{model_uri}: cannot download the model: {first_line(error)}") from None
     if not (local / "MLmodel").is_file():
-        raise click.ClickException(f"{model_uri}: not a model (no MLmodel in {local})")
+        raise StepError(f"{model_uri}: not a model (no MLmodel in {local})")
     if not (local / "code" / "cifar_models" / "server.py").is_file():
-        raise click.ClickException(f"{model_uri}: this model predates the batching server; serve it with "
-                                   "`mlflow models serve` or register it again")
+        raise StepError(f"{model_uri}: this model predates the batching server; serve it with "
+                        "`mlflow models serve` or register it again")
     return local
 
 
@@ -54,7 +60,11 @@ def cli(model_uri: str, model_dir: Path | None, server_options: tuple[str, ...])
     setup_logging()
     folder = model_dir or Path(tempfile.mkdtemp(prefix="cifar10-serve-"))
     folder.mkdir(parents=True, exist_ok=True)
-    command, env = server_command(download_model(model_uri, folder), list(server_options))
+    try:
+        local = download_model(model_uri, folder)
+    except StepError as error:
+        raise click.ClickException(str(error)) from None
+    command, env = server_command(local, list(server_options))
     os.execve(command[0], command, env)
 
 

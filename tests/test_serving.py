@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import mlflow
 import numpy as np
 import pytest
@@ -40,6 +39,7 @@ from cifar_models.pyfunc import MAX_IMAGES, MAX_PIXELS, OUTPUT_COLUMNS
 from cifar_models.server import BATCH_HEADER
 from cifar_models.registry import create_model
 from steps.data import synthetic
+from steps.errors import StepError
 from steps.serve import download_model, server_command
 from tests.test_pyfunc import SAVABLE, encode, noise, png_header, reference_logits, reference_probabilities
 
@@ -463,8 +463,10 @@ def test_cifar10_serve_downloads_the_model_and_runs_the_server_it_carries(model,
     assert command[1:] == ["-m", "cifar_models.server", str(local), "--port", "8123"]
     assert env["PYTHONPATH"] == str(local / "code")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(click.ClickException, match="no MLmodel"):
-        download_model(str(tmp_path / "empty"), tmp_path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", model.logged.tracking_uri)
+        with pytest.raises(StepError, match="cannot download the model"):
+            download_model(f"models:/{MODEL_NAME}@no-such-alias", tmp_path / "missing")
     (local / "code" / "cifar_models" / "server.py").unlink()  # as in a model registered before it
-    with pytest.raises(click.ClickException, match="predates the batching server"):
+    with pytest.raises(StepError, match="predates the batching server"):
         download_model(str(local), tmp_path)
