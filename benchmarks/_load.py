@@ -97,6 +97,11 @@ def _client(plan: dict, host: str, port: int, index: int, start: threading.Barri
             start.wait(timeout=plan["timeout_s"] * max(1, plan["warmup"]) * len(kinds) + 30)
         except threading.BrokenBarrierError:  # another client failed: the errors say why
             return
+        # A fresh connection for the measured phase: while this client waited for the others to
+        # warm up, the server may have closed the idle one (uvicorn does after 5 s), and a
+        # request on it would fail where a client library would quietly reconnect.
+        connection.close()
+        connection = http.client.HTTPConnection(host, port, timeout=plan["timeout_s"])
         mine = []
         while time.perf_counter() < deadline[0]:
             with lock:

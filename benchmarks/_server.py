@@ -1,4 +1,5 @@
-"""A real `mlflow models serve` of a model logged with log_pyfunc_model, for tests and benchmarks.
+"""A real `mlflow models serve`, or the batching server (cifar_models/server.py), of a model
+logged with log_pyfunc_model, for tests and benchmarks.
 
 The model is logged into a SQLite tracking store and registry under a scratch folder (never the
 repository's ./mlruns) and served from a working directory in that folder by the mlflow CLI,
@@ -8,9 +9,12 @@ install's import hooks, so `steps` and `cifar_models` cannot be imported from th
 and the model runs on the code it carries, as it would on a machine without this checkout.
 
 The process tree is: the mlflow CLI, which waits on `bash -c "exec uvicorn ..."`, that is the
-uvicorn process; with more than one worker, uvicorn's workers are its children.
+uvicorn process; with more than one worker, uvicorn's workers are its children. The batching
+server's: LitServe's main process, whose children are the HTTP server, the inference worker(s),
+a multiprocessing manager and its resource tracker.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -92,6 +96,21 @@ def log_model(root: Path, weights_dir: Path, registered_name: str | None = None,
     return LoggedModel(tracking_uri, info.model_uri, served_uri, Path(weights_dir))
 
 
+@contextlib.contextmanager
+def _tracking(tracking_uri: str):
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -134,6 +153,39 @@ def start(model: LoggedModel, root: Path, workers: int = 1, hide_repository: boo
              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
             cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(url=url, process=process, env=env, workdir=workdir, log=log)
+    try:
+        wait_until_serving(server, timeout_s)
+    except BaseException:
+        stop(server)
+        raise
+    return server
+
+
+def download(model: LoggedModel, folder: Path) -> Path:
+    """The served model as a local model folder under folder."""
+    with _tracking(model.tracking_uri):
+        return Path(mlflow.artifacts.download_artifacts(model.served_uri, dst_path=str(folder)))
+
+
+def start_batching(model_dir: Path, root: Path, tracking_uri: str, options: tuple[str, ...] = (),
+                   hide_repository: bool = True, extra_env: dict[str, str] | None = None,
+                   timeout_s: float = START_TIMEOUT_S) -> Server:
+    """The batching server (cifar_models/server.py) on the model folder model_dir, started as
+    `cifar10-serve` and a container start it: `python -m cifar_models.server` with the model's
+    code/ on PYTHONPATH, from root/workdir; returns once /ping answers, ServerError otherwise.
+    options go to the server (--max-batch-size ...)."""
+    env = server_env(root, tracking_uri, hide_repository, extra_env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(model_dir / "code")]))
+    workdir = root / "workdir"
+    workdir.mkdir(exist_ok=True)
+    port = free_port()
+    log = root / "batching-server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cifar_models.server", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+             *options],
+            cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(url=f"http://127.0.0.1:{port}", process=process, env=env, workdir=workdir, log=log)
     try:
         wait_until_serving(server, timeout_s)
     except BaseException:
@@ -211,6 +263,17 @@ def process_status(pid: int) -> dict:
     kb = {key: int(fields[name].split()[0]) for key, name in
           (("rss_kb", "VmRSS"), ("hwm_kb", "VmHWM"), ("anon_kb", "RssAnon"), ("file_kb", "RssFile"))}
     return {**kb, "threads": int(fields["Threads"]), "command": cmdline.strip()[:120]}
+
+
+def pss_kb(pid: int) -> int:
+    """Proportional set size of a process (Linux): its resident pages, each shared page divided
+    by the number of processes that share it, so that a tree of forked processes sums to what
+    it really holds; 0 if it is gone."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")), 0)
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -1,14 +1,16 @@
-"""Endpoint benchmark: the served model over HTTP against the raw model in-process, same images,
-same run.
+"""Endpoint benchmark: the served model over HTTP, by `mlflow models serve` and by the batching
+server, against the raw model in-process, same images, same run.
 
     .venv/bin/python benchmarks/endpoint.py --duration 30 --clients 8 --repeats 3 \\
         --out benchmarks/results/endpoint-cpu-2core.json
 
 1. Setup. A model (fast_net with random weights by default: throughput does not depend on what
    the weights learned; `--weights DIR` serves a trained weights folder) is logged with
-   log_pyfunc_model into a SQLite store in a scratch folder and served by a real
-   `mlflow models serve --env-manager local` on 127.0.0.1 (benchmarks/_server.py). The images
-   are CIFAR-10 test images from the shared JPEG archive (or synthetic ones), sent as PNGs.
+   log_pyfunc_model into a SQLite store in a scratch folder and served on 127.0.0.1 by each of
+   `--servers` in turn, one at a time (benchmarks/_server.py): `mlflow` is a real
+   `mlflow models serve --env-manager local`, `batching` the batching server
+   (cifar_models/server.py) on the downloaded model folder. The images are CIFAR-10 test
+   images from the shared JPEG archive (or synthetic ones), sent as PNGs.
 2. In-process, the raw model on the same images: the pyfunc's own `CifarClassifier.predict`
    on a DataFrame of PNG bytes (decode + preprocess + forward + result frame), and the bare
    forward `predict_logits` on uint8 arrays, at batch 1 and 64, at 1 torch thread, at the
@@ -19,7 +21,9 @@ same run.
 3. Over HTTP, from a separate client process (benchmarks/_load.py): one client alone
    (latency), then N concurrent keep-alive clients for D seconds (throughput and latency),
    at batch 1 and batch 64, and last the largest requests allowed (MAX_IMAGES) from every
-   client, while the server's resident memory and threads are sampled from /proc.
+   client, while the server's memory (resident, and proportional: a page shared by N
+   processes counts 1/N in each, so that forked processes are not counted twice) and threads
+   are sampled from /proc. Each server is started for its phases and stopped after them.
 4. The ratios the issue sets as targets, a table, and JSON with the machine, date and command.
 
 Steps 2-3 are repeated (`--repeats`); every figure is reported per repeat and as the median
@@ -95,10 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "server's peak memory (0: skip)")
     parser.add_argument("--raw-repeats", type=int, default=30, help="timed calls per in-process measurement")
     parser.add_argument("--repeats", type=int, default=1, help="repeats of the in-process and HTTP measurements")
+    parser.add_argument("--servers", default="mlflow,batching",
+                        help="comma-separated, measured in this order: mlflow, batching (default both)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers (MLFLOW_MODELS_WORKERS)")
     parser.add_argument("--torch-threads", type=int,
                         help="torch threads per worker in the server (CIFAR_SERVE_TORCH_THREADS; "
                              "default: the served model's own choice)")
+    parser.add_argument("--batching-options", default="",
+                        help="options for the batching server, e.g. '--max-batch-size 16 --batch-timeout 0.002'")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     return parser
 
@@ -241,6 +249,9 @@ def measure_in_process(pyfunc, pixels: np.ndarray, pngs: list[bytes], bodies: di
                                           *(raw[f"predict_b64_x{n}_images_per_s"] for n in parallel_streams))
     # The single-image forward, the more demanding of predict_logits and the bare network call.
     raw["forward_b1_server_threads_ms"] = raw[f"forward_b1_t{server_threads}_ms"]
+    # One stream at every core: what a lone client's 64-image requests could get.
+    cores = len(os.sched_getaffinity(0))
+    raw["predict_b64_full_threads_images_per_s"] = 64e3 / raw[f"predict_b64_t{cores}_ms"]
     torch.set_num_threads(raw["forward_b1_threads"])
     raw["forward_b1_network_ms"] = 1e3 * median_s(lambda: forward_only(network, pixels[:1], spec), 5 * repeats)
     raw["forward_b1_ms"] = min(raw["forward_b1_ms"], raw["forward_b1_network_ms"])
@@ -287,6 +298,7 @@ class MemorySampler:
     def __init__(self, root_pid: int) -> None:
         self.root_pid = root_pid
         self.peak_total_kb = 0
+        self.peak_total_pss_kb = 0
         self.processes: dict[int, dict] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the sampling thread and report() both sample
@@ -297,10 +309,11 @@ class MemorySampler:
             self._sample_locked()
 
     def _sample_locked(self) -> None:
-        total = 0
+        total = total_pss = 0
         for depth, pid in enumerate(_server.process_tree(self.root_pid)):
             if info := _server.process_status(pid):
                 total += info["rss_kb"]
+                total_pss += _server.pss_kb(pid)
                 seen = self.processes.setdefault(pid, {"command": info["command"], "peak_rss_kb": 0,
                                                        "peak_threads": 0})
                 if info["rss_kb"] >= seen["peak_rss_kb"]:  # the split of the peak sample
@@ -310,6 +323,7 @@ class MemorySampler:
                 seen["hwm_kb"] = info["hwm_kb"]
                 seen["root"] = depth == 0
         self.peak_total_kb = max(self.peak_total_kb, total)
+        self.peak_total_pss_kb = max(self.peak_total_pss_kb, total_pss)
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_EVERY_S):
@@ -331,10 +345,11 @@ class MemorySampler:
         processes = [{"pid": pid, "command": p["command"], "peak_rss_mb": p["peak_rss_kb"] * mb,
                       "vmhwm_mb": p["hwm_kb"] * mb, "anon_mb_at_peak": p["anon_kb"] * mb,
                       "file_mb_at_peak": p["file_kb"] * mb, "peak_threads": p["peak_threads"],
-                      "role": "mlflow CLI" if p["root"] else "uvicorn"}
+                      "role": "main" if p["root"] else "child"}
                      for pid, p in sorted(self.processes.items())]
-        workers = [p for p in processes if p["role"] == "uvicorn"]
+        workers = [p for p in processes if p["role"] == "child"]
         return {"processes": processes, "peak_total_rss_mb": self.peak_total_kb * mb,
+                "peak_total_pss_mb": self.peak_total_pss_kb * mb,
                 "worker_peak_mb": max((p["vmhwm_mb"] for p in workers), default=float("nan"))}
 
 
@@ -376,24 +391,32 @@ def measure_http(url: str, bodies: dict[int, list[bytes]], args: argparse.Namesp
 # --- report ---------------------------------------------------------------------------------
 
 def derive(repeat: dict) -> dict:
-    """The issue's targets and the time breakdown, from one repeat's figures."""
-    raw, http = repeat["in_process"]["raw"], repeat["http"]
-    stages = repeat["in_process"]["stages_ms"]
+    """The issue's targets, per server and between them, and the time breakdown, from one
+    repeat's figures."""
+    raw, stages = repeat["in_process"]["raw"], repeat["in_process"]["stages_ms"]
     single_limit = 2 * raw["forward_b1_ms"] + 5
-    out = {
-        "throughput_ratio_b64": http["concurrent_b64"]["images_per_s"] / raw["predict_b64_images_per_s"],
-        "single_client_ratio_b64": (64e3 / http["single_b64"]["p50_ms"]) / raw["predict_b64_images_per_s"],
-        "single_b1_p50_ms": http["single_b1"]["p50_ms"],
-        "single_b1_limit_ms": single_limit,
-        "single_b1_within": http["single_b1"]["p50_ms"] <= single_limit,
-        # The same with the forward timed at the server's own thread count.
-        "single_b1_limit_server_threads_ms": 2 * raw["forward_b1_server_threads_ms"] + 5,
-        "single_b1_within_server_threads": http["single_b1"]["p50_ms"] <= 2 * raw["forward_b1_server_threads_ms"] + 5,
-    }
-    for batch in BATCHES:
-        s = stages[f"b{batch}"]
-        out[f"http_overhead_b{batch}_ms"] = http[f"single_b{batch}"]["p50_ms"] - s["classifier_predict"]
-        out[f"transport_b{batch}_ms"] = http[f"single_b{batch}"]["p50_ms"] - s["invocations"]
+    out: dict = {"single_b1_limit_ms": single_limit,
+                 # The same with the forward timed at mlflow's server's own thread count.
+                 "single_b1_limit_server_threads_ms": 2 * raw["forward_b1_server_threads_ms"] + 5}
+    for kind, http in repeat["http"].items():
+        d = {
+            "throughput_ratio_b64": http["concurrent_b64"]["images_per_s"] / raw["predict_b64_images_per_s"],
+            "single_client_ratio_b64": http["single_b64"]["images_per_s"] / raw["predict_b64_images_per_s"],
+            "single_client_ratio_b64_full_threads": (http["single_b64"]["images_per_s"]
+                                                     / raw["predict_b64_full_threads_images_per_s"]),
+            "single_b1_p50_ms": http["single_b1"]["p50_ms"],
+            "single_b1_within": http["single_b1"]["p50_ms"] <= single_limit,
+            "single_b1_within_server_threads": (http["single_b1"]["p50_ms"]
+                                                <= out["single_b1_limit_server_threads_ms"]),
+            "peak_total_pss_mb": repeat["memory"][kind]["peak_total_pss_mb"],
+        }
+        for batch in BATCHES:
+            d[f"http_overhead_b{batch}_ms"] = http[f"single_b{batch}"]["p50_ms"] - stages[f"b{batch}"]["classifier_predict"]
+            d[f"transport_b{batch}_ms"] = http[f"single_b{batch}"]["p50_ms"] - stages[f"b{batch}"]["invocations"]
+        out[kind] = d
+    if {"mlflow", "batching"} <= set(repeat["http"]):
+        out["batching_over_mlflow_concurrent_b1"] = (repeat["http"]["batching"]["concurrent_b1"]["images_per_s"]
+                                                     / repeat["http"]["mlflow"]["concurrent_b1"]["images_per_s"])
     return out
 
 
@@ -409,15 +432,16 @@ def median_tree(values: list):
     return first
 
 
+
 def print_report(result: dict) -> None:
     s = result["summary"]
-    raw, stages, http, d = s["in_process"]["raw"], s["in_process"]["stages_ms"], s["http"], s["derived"]
-    mem = result["memory"]
-    n = result["config"]["repeats"]
+    raw, stages, d = s["in_process"]["raw"], s["in_process"]["stages_ms"], s["derived"]
+    n, clients = result["config"]["repeats"], result["config"]["clients"]
     print(f"\n{result['machine']['cpu']}, {result['machine']['cores']} cores, torch {result['machine']['torch']}, "
-          f"mlflow {result['machine']['mlflow']}; {result['config']['model']}; medians of {n} repeat(s)")
-    print(f"server: {result['config']['workers']} worker(s), {result['config']['server_torch_threads']} torch "
-          f"thread(s) each; load average {result['loadavg_start']} -> {result['loadavg_end']}")
+          f"mlflow {result['machine']['mlflow']}; {result['config']['model']}; medians of {n} repeat(s); "
+          f"load average {result['loadavg_start']} -> {result['loadavg_end']}")
+    print(f"mlflow: {result['config']['workers']} worker(s), {result['config']['server_torch_threads']} torch "
+          f"thread(s) each; batching: {result['config']['batching_options'] or 'defaults'}")
     print("\nraw, in-process          batch 1          batch 64")
     for what, label in (("predict", "CifarClassifier.predict"), ("forward", "predict_logits (uint8)")):
         print(f"  {label:24s}{raw[f'{what}_b1_ms']:7.2f} ms (t{raw[f'{what}_b1_threads']})"
@@ -426,45 +450,39 @@ def print_report(result: dict) -> None:
     for streams in result["config"]["in_process_streams"]:
         print(f"  {streams} threads of CifarClassifier.predict at batch 64, 1 torch thread each: "
               f"{raw[f'predict_b64_x{streams}_images_per_s']:.0f} images/s")
-    print(f"  throughput baseline (the best raw figure at batch 64): {raw['predict_b64_images_per_s']:.0f} images/s")
-    print("\nover HTTP                 req/s   images/s    p50 ms    p99 ms  requests  errors   server/host cores")
-    for phase in ("single_b1", "single_b64", "concurrent_b1", "concurrent_b64", f"concurrent_b{LARGEST}"):
-        if phase not in http:
-            continue
-        h = http[phase]
-        clients = 1 if phase.startswith("single") else result["config"]["clients"]
-        print(f"  {phase:14s} x{clients:<3d} {h['requests_per_s']:8.1f} {h['images_per_s']:9.0f} "
-              f"{h['p50_ms']:9.1f} {h['p99_ms']:9.1f} {h['requests']:9.0f} {h['errors']:7.0f}   "
-              f"{h['server_cores']:.2f} / {h['host_busy_cores']:.2f}")
-    print("\nwhere the time goes (ms, in-process, server's thread count)")
+    print(f"  throughput baseline (the best raw figure at batch 64): {raw['predict_b64_images_per_s']:.0f} images/s; "
+          f"one stream at every core: {raw['predict_b64_full_threads_images_per_s']:.0f} images/s")
+    print("\nwhere the time goes (ms, in-process, mlflow's server's thread count)")
     names = ("parse_request", "pyfunc_wrapper", "decode", "preprocess", "forward", "result_frame",
              "serialise_response", "invocations")
-    print("  " + "".join(f"{name:>19s}" for name in ("", *names[:4])))
     for batch in BATCHES:
-        print(f"  {'batch ' + str(batch):>19s}" + "".join(f"{stages[f'b{batch}'][k]:19.2f}" for k in names[:4]))
-    print("  " + "".join(f"{name:>19s}" for name in ("", *names[4:])))
-    for batch in BATCHES:
-        print(f"  {'batch ' + str(batch):>19s}" + "".join(f"{stages[f'b{batch}'][k]:19.2f}" for k in names[4:]))
-    for batch in BATCHES:
-        print(f"  batch {batch}: HTTP p50 (one client) - classifier predict = {d[f'http_overhead_b{batch}_ms']:.2f} ms; "
-              f"- MLflow's invocations = {d[f'transport_b{batch}_ms']:.2f} ms (uvicorn, asyncio, client)")
-    print(f"\nserver memory over the whole run: worker peak {mem['worker_peak_mb']:.0f} MB (target < 1536), "
-          f"all processes {mem['peak_total_rss_mb']:.0f} MB; worker peak before the first {LARGEST}-image "
-          f"phase {result['repeats'][0]['http']['worker_peak_mb_before_largest']:.0f} MB")
-    for p in mem["processes"]:
-        print(f"  {p['role']:10s} pid {p['pid']}: peak {p['vmhwm_mb']:.0f} MB ({p['anon_mb_at_peak']:.0f} MB its "
-              f"own, {p['file_mb_at_peak']:.0f} MB mapped files), {p['peak_threads']} threads")
-    print("\ntargets")
-    print(f"  HTTP images/s at batch 64, {result['config']['clients']} clients / raw predict images/s: "
-          f"{d['throughput_ratio_b64']:.2f} (target >= 0.70; one client: {d['single_client_ratio_b64']:.2f})")
-    # Each repeat is judged against its own limit; the medians above need not agree with the count.
-    within = [r["derived"]["single_b1_within"] for r in result["repeats"]]
-    within_threads = [r["derived"]["single_b1_within_server_threads"] for r in result["repeats"]]
-    print(f"  single-image HTTP p50 {d['single_b1_p50_ms']:.2f} ms vs 2 x best forward + 5 = "
-          f"{d['single_b1_limit_ms']:.2f} ms: within in {sum(within)} of {n} repeats; "
-          f"vs 2 x forward at the server's {result['config']['server_torch_threads']} thread(s) + 5 = "
-          f"{d['single_b1_limit_server_threads_ms']:.2f} ms: within in {sum(within_threads)} of {n}")
-    print(f"  one worker {mem['worker_peak_mb']:.0f} MB: {'under' if mem['worker_peak_mb'] < 1536 else 'NOT under'} 1.5 GB")
+        print(f"  batch {batch}: " + ", ".join(f"{k} {stages[f'b{batch}'][k]:.2f}" for k in names))
+    for kind in result["config"]["servers"]:
+        http, mem, dk = s["http"][kind], result["memory"][kind], d[kind]
+        print(f"\n{kind} over HTTP     req/s   images/s    p50 ms    p99 ms  requests  errors   server/host cores")
+        for phase in ("single_b1", "single_b64", "concurrent_b1", "concurrent_b64", f"concurrent_b{LARGEST}"):
+            if phase in http:
+                h = http[phase]
+                print(f"  {phase:14s} x{1 if phase.startswith('single') else clients:<3d} {h['requests_per_s']:8.1f} "
+                      f"{h['images_per_s']:9.0f} {h['p50_ms']:9.1f} {h['p99_ms']:9.1f} {h['requests']:9.0f} "
+                      f"{h['errors']:7.0f}   {h['server_cores']:.2f} / {h['host_busy_cores']:.2f}")
+        print(f"  memory, the whole server over all repeats: peak {mem['peak_total_pss_mb']:.0f} MB proportional "
+              f"(shared pages split among processes), {mem['peak_total_rss_mb']:.0f} MB resident summed; "
+              f"largest process {mem['worker_peak_mb']:.0f} MB")
+        print(f"  one client: HTTP p50 - classifier predict = {dk['http_overhead_b1_ms']:.2f} ms (batch 1), "
+              f"{dk['http_overhead_b64_ms']:.2f} ms (batch 64)")
+    print("\ntargets (each ratio taken within a repeat, then the median)")
+    for kind in result["config"]["servers"]:
+        dk = d[kind]
+        within = sum(r["derived"][kind]["single_b1_within"] for r in result["repeats"])
+        print(f"  {kind}: one client at batch 64 / raw at every core {dk['single_client_ratio_b64_full_threads']:.2f} "
+              f"(>= 0.8); {clients} clients at batch 64 / best raw {dk['throughput_ratio_b64']:.2f} (>= 0.9); "
+              f"single-image p50 {dk['single_b1_p50_ms']:.1f} ms vs 2 x forward + 5 = {d['single_b1_limit_ms']:.1f} ms "
+              f"(within in {within} of {n}); peak memory {dk['peak_total_pss_mb']:.0f} MB (< 1536)")
+    if "batching_over_mlflow_concurrent_b1" in d:
+        print(f"  {clients} clients of one image: batching / mlflow images/s {d['batching_over_mlflow_concurrent_b1']:.2f} "
+              f"(>= 3); p99 {s['http']['batching']['concurrent_b1']['p99_ms']:.0f} ms against "
+              f"{s['http']['mlflow']['concurrent_b1']['p99_ms']:.0f} ms")
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -473,10 +491,23 @@ def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def start_server(kind: str, logged: _server.LoggedModel, root: Path, args: argparse.Namespace,
+                 server_env: dict[str, str]) -> _server.Server:
+    if kind == "mlflow":
+        return _server.start(logged, root / kind, workers=args.workers, extra_env=server_env)
+    model_dir = root / "model"
+    if not (model_dir / "MLmodel").exists():
+        model_dir = _server.download(logged, model_dir)
+    return _server.start_batching(model_dir, root / kind, logged.tracking_uri, tuple(args.batching_options.split()))
+
+
 def main(args: argparse.Namespace) -> dict:
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date":
               datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "git": git_state(), "loadavg_start": loadavg()}
+    servers = [kind.strip() for kind in args.servers.split(",") if kind.strip()]
+    if not servers or set(servers) - {"mlflow", "batching"}:
+        raise SystemExit(f"--servers: mlflow and/or batching, not {args.servers!r}")
     pixels = load_images(args.images)
     pngs = [png(p) for p in pixels]
     bodies = {batch: [request_body(pngs[i:i + batch]) for i in range(0, len(pngs), batch)]
@@ -484,7 +515,7 @@ def main(args: argparse.Namespace) -> dict:
     server_env = {"MLFLOW_MODELS_WORKERS": str(args.workers)}
     if args.torch_threads:
         server_env["CIFAR_SERVE_TORCH_THREADS"] = str(args.torch_threads)
-    # The thread count the served model will choose in the server, where this variable is set.
+    # The thread count the served model will choose in mlflow's server, where this variable is set.
     with mock.patch.dict(os.environ, {**server_env, _SERVER_MODEL_PATH: "-"}):
         server_threads = serving_threads()
     result["config"] = {
@@ -492,38 +523,49 @@ def main(args: argparse.Namespace) -> dict:
         "images": args.images, "mean_png_bytes": statistics.mean(map(len, pngs)),
         "request_bytes_b1": statistics.mean(map(len, bodies[1])), "request_bytes_b64": statistics.mean(map(len, bodies[64])),
         "clients": args.clients, "duration_s": args.duration, "repeats": args.repeats, "workers": args.workers,
-        "server_torch_threads": server_threads,
+        "servers": servers, "server_torch_threads": server_threads, "batching_options": args.batching_options,
+        # This process's and mlflow's server's; the batching server sets PASSIVE unless it is set.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "in_process_threads": sorted({1, server_threads, len(os.sched_getaffinity(0))}),
         "in_process_streams": sorted({len(os.sched_getaffinity(0)), args.clients}),
     }
+    memory: dict[str, list[dict]] = {kind: [] for kind in servers}
     with tempfile.TemporaryDirectory(prefix="endpoint-bench-") as scratch:
         root = Path(scratch)
         logged = _server.log_model(root, weights_folder(args, root))
-        print(f"serving {logged.model_uri} ...", flush=True)
-        server = _server.start(logged, root, workers=args.workers, extra_env=server_env)
-        try:
-            mlflow.set_tracking_uri(logged.tracking_uri)
-            pyfunc = mlflow.pyfunc.load_model(logged.model_uri)
-            mlflow.set_tracking_uri(None)
-            repeats = []
-            with MemorySampler(server.process.pid) as memory:
-                for index in range(args.repeats):
-                    print(f"repeat {index + 1}/{args.repeats}: in-process ...", flush=True)
-                    in_process = measure_in_process(pyfunc, pixels, pngs, {b: bodies[b][0] for b in BATCHES},
-                                                    result["config"]["in_process_threads"],
-                                                    result["config"]["in_process_streams"], server_threads,
-                                                    args.raw_repeats)
-                    print(f"repeat {index + 1}/{args.repeats}: HTTP ...", flush=True)
-                    http = measure_http(server.url, bodies, args, lambda: memory.report()["worker_peak_mb"],
-                                        _server.process_tree(server.process.pid))
-                    repeat = {"in_process": in_process, "http": http,
-                              "loadavg": loadavg()}
-                    repeat["derived"] = derive(repeat)
-                    repeats.append(repeat)
-            result["ping_after"] = _server.ping(server.url)
-        finally:
-            _server.stop(server)
-    result["memory"] = memory.report()
+        mlflow.set_tracking_uri(logged.tracking_uri)
+        pyfunc = mlflow.pyfunc.load_model(logged.model_uri)
+        mlflow.set_tracking_uri(None)
+        repeats = []
+        for index in range(args.repeats):
+            print(f"repeat {index + 1}/{args.repeats}: in-process ...", flush=True)
+            in_process = measure_in_process(pyfunc, pixels, pngs, {b: bodies[b][0] for b in BATCHES},
+                                            result["config"]["in_process_threads"],
+                                            result["config"]["in_process_streams"], server_threads,
+                                            args.raw_repeats)
+            repeat = {"in_process": in_process, "http": {}, "memory": {}}
+            for kind in servers:
+                print(f"repeat {index + 1}/{args.repeats}: {kind} over HTTP ...", flush=True)
+                (root / kind).mkdir(exist_ok=True)
+                server = start_server(kind, logged, root, args, server_env)
+                try:
+                    with MemorySampler(server.process.pid) as sampler:
+                        repeat["http"][kind] = measure_http(server.url, bodies, args,
+                                                            lambda: sampler.report()["worker_peak_mb"],
+                                                            _server.process_tree(server.process.pid))
+                    repeat["http"][kind]["ping_after"] = _server.ping(server.url)
+                finally:
+                    _server.stop(server)
+                repeat["memory"][kind] = sampler.report()
+                memory[kind].append(repeat["memory"][kind])
+            repeat["loadavg"] = loadavg()
+            repeat["derived"] = derive(repeat)
+            repeats.append(repeat)
+    # Peaks over the whole run: the largest of the repeats'.
+    result["memory"] = {kind: {key: max(r[key] for r in reports) for key in
+                               ("peak_total_pss_mb", "peak_total_rss_mb", "worker_peak_mb")} | {
+                                   "processes": reports[-1]["processes"]}
+                        for kind, reports in memory.items()}
     result["repeats"] = repeats
     result["summary"] = median_tree(repeats)
     result["loadavg_end"] = loadavg()

@@ -1,6 +1,6 @@
 """CIFAR-10 networks and what inference needs: the registry, the architectures, the shared
-preprocessing and the served model. Ships as the code of every registered model, so it holds
-no training, tracking or command-line code."""
+preprocessing, the served model and its batching server (server.py, which alone needs litserve).
+Ships as the code of every registered model, so it holds no training or tracking code."""
 
 from cifar_models import fast_net, resnet, separable_net  # noqa: F401  (importing registers them)
 from cifar_models.preprocess import CIFAR10_MEAN, CIFAR10_STD, CLASSES, normalize, to_nchw

@@ -282,7 +282,18 @@ class CifarClassifier(mlflow.pyfunc.PythonModel):
     # about it on every import. The logged signature is what the server validates against.
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict | None = None) -> pd.DataFrame:
-        images = images_from_input(model_input)
+        return self.classify(self.images(model_input))
+
+    # predict in its two halves, for a server that batches requests (steps/serve.py): each
+    # request is decoded and checked on its own, so a bad one fails alone, and the images of
+    # many requests then go through one classify.
+    @staticmethod
+    def images(model_input: pd.DataFrame) -> np.ndarray:
+        """(N, 32, 32, 3) uint8 from what predict accepts, or InvalidRequest saying why not."""
+        return images_from_input(model_input)
+
+    def classify(self, images: np.ndarray) -> pd.DataFrame:
+        """One row per image, as predict returns."""
         logits = predict_logits(self.network, images, self.spec.mean, self.spec.std, batch_size=FORWARD_BATCH)
         return predictions_frame(logits, self.spec.classes, self.calibration)
 

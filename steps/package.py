@@ -43,6 +43,9 @@ MODEL_CODE_FILE = "cifar_classifier.py"
 
 # Distributions the served model imports, pinned to the versions installed here.
 SERVING_DISTRIBUTIONS = ("mlflow", "torch", "numpy", "pandas", "pillow")
+# The batching server's engine (cifar_models/server.py), pinned too where it is installed (the
+# `serve` extra), so that an environment or image made from the model's requirements can run it.
+OPTIONAL_SERVING_DISTRIBUTIONS = ("litserve",)
 
 SIGNATURE = ModelSignature(
     # `binary` makes the scoring server base64-decode the column of a JSON request. The
@@ -61,9 +64,17 @@ SIGNATURE = ModelSignature(
 
 
 def pinned_requirements() -> list[str]:
-    """`name==version` for SERVING_DISTRIBUTIONS as installed, without local version labels
-    (`2.12.1+cu128` is not on PyPI; the plain version resolves to the same release)."""
-    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in SERVING_DISTRIBUTIONS]
+    """`name==version` for SERVING_DISTRIBUTIONS and the installed OPTIONAL_SERVING_DISTRIBUTIONS,
+    without local version labels (`2.12.1+cu128` is not on PyPI; the plain version resolves to the
+    same release)."""
+    def installed(name: str) -> bool:
+        try:
+            return bool(importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:
+            return False
+
+    names = [*SERVING_DISTRIBUTIONS, *filter(installed, OPTIONAL_SERVING_DISTRIBUTIONS)]
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names]
 
 
 def example_png(seed: int = 0) -> bytes:

@@ -1,4 +1,5 @@
-"""The endpoint under load: a real `mlflow models serve`, a real HTTP client in a second process,
+"""The endpoint under load: a real `mlflow models serve` and the batching server
+(cifar_models/server.py), each in turn, a real HTTP client in a second process,
 8 concurrent keep-alive clients posting a random mix of 1-image and 64-image requests (three
 single images to one batch, as a client population of mostly single-photo uploads).
 
@@ -37,13 +38,17 @@ MIX = {"1 image": (1, 3), "64 images": (64, 1)}  # kind -> (images per request, 
 MIN_REQUESTS_PER_S = 1
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["mlflow", "batching"])
+def server(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("load")
     torch.manual_seed(0)
     weights = save_network(create_model("fast_net"),
                            ModelSpec(model="fast_net", mean=CIFAR10_MEAN, std=CIFAR10_STD), root / "weights")
-    served = _server.start(_server.log_model(root, weights), root)
+    logged = _server.log_model(root, weights)
+    if request.param == "mlflow":
+        served = _server.start(logged, root)
+    else:
+        served = _server.start_batching(_server.download(logged, root / "model"), root, logged.tracking_uri)
     try:
         yield served
     finally:

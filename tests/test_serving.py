@@ -1,17 +1,22 @@
-"""The registered model served by a real `mlflow models serve` process, over HTTP on loopback.
+"""The registered model served over HTTP on loopback by a real `mlflow models serve` process and
+by the batching server (cifar_models/server.py); the requests, good and bad, go to both.
 
-One server for the module: the model is logged with log_pyfunc_model into a SQLite registry
-under tmp_path, aliased `champion`, and served as models:/<name>@champion from a directory
-outside the repository, by a process in which neither `steps` nor `cifar_models` can be
-imported from the repository (the editable install's import hooks are removed at start-up by
-a sitecustomize), so the model must run on the code it carries.
+One model and one server of each kind for the module: the model is logged with
+log_pyfunc_model into a SQLite registry under tmp_path, aliased `champion`, and served as
+models:/<name>@champion from a directory outside the repository, by processes in which neither
+`steps` nor `cifar_models` can be imported from the repository (the editable install's import
+hooks are removed at start-up by a sitecustomize), so the model must run on the code it
+carries. The batching server serves the model folder that `mlflow models generate-dockerfile`
+puts in a container's build context, started as that container would start it.
 """
 
 import base64
 import collections
+import importlib.metadata
 import json
 import random
 import subprocess
+import threading
 import sys
 import textwrap
 import time
@@ -31,8 +36,11 @@ from cifar_models.calibration import CALIBRATION_FILE, Calibration, ood_scores
 from cifar_models.inference import ModelSpec, save_network
 from cifar_models.preprocess import CIFAR10_MEAN, CIFAR10_STD, CLASSES
 from cifar_models.pyfunc import MAX_IMAGES, MAX_PIXELS, OUTPUT_COLUMNS
+from cifar_models.server import BATCH_HEADER
 from cifar_models.registry import create_model
 from steps.data import synthetic
+from steps.errors import StepError
+from steps.serve import download_model, server_command
 from tests.test_pyfunc import SAVABLE, encode, noise, png_header, reference_logits, reference_probabilities
 
 pytestmark = pytest.mark.slow
@@ -54,7 +62,15 @@ SCORE = "max_probability"
 
 
 @dataclass(frozen=True)
+class Model:
+    root: Path  # outside the repository
+    logged: _server.LoggedModel
+    calibration: Calibration
+
+
+@dataclass(frozen=True)
 class Server:
+    kind: str  # "mlflow" or "batching"
     url: str
     model_uri: str  # the logged model, models:/m-...
     weights_dir: Path
@@ -65,9 +81,9 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """models:/<MODEL_NAME>@champion served from tmp by benchmarks/_server.py, which also hides
-    the repository from the server's Python processes."""
+def model(tmp_path_factory) -> Model:
+    """An untrained fast_net with a calibration, registered as models:/<MODEL_NAME>@champion in a
+    SQLite registry under tmp."""
     root = tmp_path_factory.mktemp("serving")
     assert REPO not in root.parents
     torch.manual_seed(0)
@@ -80,16 +96,61 @@ def server(tmp_path_factory):
     (root / CALIBRATION_FILE).write_text(calibration.to_json())
     logged = _server.log_model(root, weights, registered_name=MODEL_NAME, alias=ALIAS,
                                calibration_file=root / CALIBRATION_FILE)
+    return Model(root, logged, calibration)
+
+
+def _serving(kind: str, model: Model, served: _server.Server) -> Server:
+    return Server(kind=kind, url=served.url, model_uri=model.logged.model_uri, weights_dir=model.logged.weights_dir,
+                  calibration=model.calibration, env=served.env, workdir=served.workdir, log=served.log)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(model):
+    """`mlflow models serve` of models:/<MODEL_NAME>@champion, by benchmarks/_server.py, which also
+    hides the repository from the server's Python processes."""
     try:
-        served = _server.start(logged, root)
+        served = _server.start(model.logged, model.root)
     except _server.ServerError as error:
         pytest.fail(str(error))
     try:
-        yield Server(url=served.url, model_uri=logged.model_uri, weights_dir=weights, calibration=calibration,
-                     env=served.env,
-                     workdir=served.workdir, log=served.log)
+        yield _serving("mlflow", model, served)
     finally:
         _server.stop(served)
+
+
+@pytest.fixture(scope="module")
+def image_context(model) -> Path:
+    """What `mlflow models generate-dockerfile` writes for models:/<MODEL_NAME>@champion: the
+    build context of a container image (no Docker daemon here to build it)."""
+    context = model.root / "image"
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "mlflow"), "models", "generate-dockerfile", "-m",
+         f"models:/{MODEL_NAME}@{ALIAS}", "-d", str(context), "--env-manager", "local"],
+        env={**_server.server_env(model.root, model.logged.tracking_uri, hide_repository=False),
+             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
+        cwd=model.root, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return context
+
+
+@pytest.fixture(scope="module")
+def batching_server(model, image_context):
+    """The batching server on the image's model folder, started as the README's container
+    command starts it (`python -m cifar_models.server`, the model's code on PYTHONPATH)."""
+    try:
+        served = _server.start_batching(image_context / "model_dir", model.root, model.logged.tracking_uri)
+    except _server.ServerError as error:
+        pytest.fail(str(error))
+    try:
+        yield _serving("batching", model, served)
+    finally:
+        _server.stop(served)
+
+
+@pytest.fixture(scope="module", params=["mlflow", "batching"])
+def server(request) -> Server:
+    """Each server in turn: the tests that take `server` run against both."""
+    return request.getfixturevalue(f"{request.param}_server")
 
 
 # --- requests -----------------------------------------------------------------------------
@@ -145,7 +206,8 @@ def assert_client_error(server: Server, reply: requests.Response, fragment: str 
 
 # --- the model that is served -------------------------------------------------------------
 
-def test_served_model_carries_cifar_models_and_not_the_training_code(server, tmp_path):
+def test_served_model_carries_cifar_models_and_not_the_training_code(mlflow_server, tmp_path):
+    server = mlflow_server
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", server.env["MLFLOW_TRACKING_URI"])
         mlflow.set_tracking_uri(server.env["MLFLOW_TRACKING_URI"])
@@ -155,14 +217,15 @@ def test_served_model_carries_cifar_models_and_not_the_training_code(server, tmp
             mlflow.set_tracking_uri(None)
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert {"code/cifar_models/pyfunc.py", "code/cifar_models/inference.py",
-            "artifacts/weights/state_dict.pt", "artifacts/weights/model_config.json",
+            "code/cifar_models/server.py", "artifacts/weights/state_dict.pt", "artifacts/weights/model_config.json",
             f"artifacts/{CALIBRATION_FILE}"} <= files
     assert not any(f.startswith("code/steps") or f.endswith(".pkl") for f in files), sorted(files)
     requirements = (local / "requirements.txt").read_text().split()
     assert all("==" in line for line in requirements) and any(r.startswith("torch==") for r in requirements)
 
 
-def test_logged_model_loads_and_predicts_elsewhere_without_the_repository(server):
+def test_logged_model_loads_and_predicts_elsewhere_without_the_repository(mlflow_server):
+    server = mlflow_server
     script = textwrap.dedent(f"""
         import importlib.util, io, json, sys
         assert importlib.util.find_spec("steps") is None, "steps is importable"
@@ -260,20 +323,28 @@ def test_bad_request_is_a_one_line_4xx(server, name):
 
 
 def test_csv_and_unsupported_content_types_are_4xx(server):
-    assert_client_error(server, post(server, raw=b"image\nabc\n", content_type="text/csv"), "got str")
-    assert_client_error(server, post(server, raw=b"hello", content_type="text/plain"), "content types")
+    if server.kind == "mlflow":
+        assert_client_error(server, post(server, raw=b"image\nabc\n", content_type="text/csv"), "got str")
+        assert_client_error(server, post(server, raw=b"hello", content_type="text/plain"), "content types")
+    else:  # JSON only
+        for content_type in ("text/csv", "text/plain"):
+            reply = post(server, raw=b"image\nabc\n", content_type=content_type)
+            assert reply.status_code == 415
+            assert_client_error(server, reply, "application/json")
 
 
 @pytest.mark.parametrize("raw", [b"", b"{not json", b"\xff\xfe"], ids=["empty body", "not JSON", "not UTF-8"])
 def test_unparseable_body_is_a_4xx_without_stack_trace(server, raw):
     # MLflow's JSON parser answers before the model runs, and its message quotes the body on
     # a line of its own ("...Error: ...\nInput: \nb''"): a 400, but not one line.
-    assert_client_error(server, post(server, raw=raw), "valid JSON", one_line=False)
+    assert_client_error(server, post(server, raw=raw), "valid JSON", one_line=server.kind != "mlflow")
 
 
-@pytest.mark.xfail(strict=True, reason="mlflow 3.17's scoring server calls .split on the missing "
-                   "Content-Type header (None) and answers 500 before the model runs")
-def test_request_without_content_type_is_a_4xx(server):
+def test_request_without_content_type_is_a_4xx(server, request):
+    if server.kind == "mlflow":
+        request.applymarker(pytest.mark.xfail(strict=True, reason="mlflow 3.17's scoring server calls .split on "
+                                              "the missing Content-Type header (None) and answers 500 before "
+                                              "the model runs"))
     reply = requests.post(f"{server.url}/invocations", data=json.dumps(split(PNG)), timeout=REQUEST_TIMEOUT_S)
     assert_still_serving(server)
     assert 400 <= reply.status_code < 500, reply.status_code
@@ -337,3 +408,65 @@ def test_fuzz_corpus_replayed_over_http_gets_no_5xx(server):
     assert len(statuses) == len(corpus) >= 100
     print(f"{len(corpus)} cases: {sorted(collections.Counter(statuses.values()).items())} (status, count)")
     assert any(code == 200 for code in statuses.values()) and any(code >= 400 for code in statuses.values())
+
+
+# --- the batching server: concurrent requests share a forward, and a bad one fails alone ---
+
+def test_concurrent_requests_share_a_forward_and_a_bad_one_fails_alone(batching_server):
+    server = batching_server
+    pixels = [noise(32, 32, seed) for seed in range(200, 208)]
+    alone = [predictions(post(server, split(encode(p))), 1)[0] for p in pixels]
+    bodies = [split(encode(p)) for p in pixels] + [split(b"GIF89a, or so it says")]
+    batched, bad_batched = [], False
+    for _ in range(10):  # until the bad request has shared a batch (the first round, as a rule)
+        start = threading.Barrier(len(bodies))
+        replies: list = [None] * len(bodies)
+
+        def send(i: int) -> None:
+            start.wait()
+            replies[i] = post(server, bodies[i])
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert_client_error(server, replies[-1], "not a readable image")
+        for reply, expected in zip(replies[:-1], alone):
+            row = predictions(reply, 1)[0]
+            np.testing.assert_allclose(row["probabilities"], expected["probabilities"], atol=1e-5, rtol=0)
+            batched.append(int(reply.headers[BATCH_HEADER]))
+        bad_batched |= int(replies[-1].headers[BATCH_HEADER]) > 1
+        if bad_batched:
+            break
+    assert bad_batched and max(batched) > 1, batched
+
+
+def test_image_build_context_installs_the_model_and_the_batching_server(image_context, batching_server):
+    dockerfile = (image_context / "Dockerfile").read_text()
+    assert f"pip install mlflow=={mlflow.__version__}" in dockerfile
+    assert "COPY model_dir /opt/ml/model" in dockerfile and "_install_pyfunc_deps('/opt/ml/model'" in dockerfile
+    model_dir = image_context / "model_dir"
+    assert f"model_name: {MODEL_NAME}" in (model_dir / "registered_model_meta").read_text()
+    requirements = (model_dir / "requirements.txt").read_text().split()
+    assert f"litserve=={importlib.metadata.version('litserve')}" in requirements
+    assert (model_dir / "code" / "cifar_models" / "server.py").is_file()
+    # The batching_server fixture serves this very folder, as the README's container command does.
+    predictions(post(batching_server, split(PNG)), 1)
+
+
+def test_cifar10_serve_downloads_the_model_and_runs_the_server_it_carries(model, tmp_path):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", model.logged.tracking_uri)
+        local = download_model(f"models:/{MODEL_NAME}@{ALIAS}", tmp_path / "download")
+    command, env = server_command(local, ["--port", "8123"])
+    assert command[1:] == ["-m", "cifar_models.server", str(local), "--port", "8123"]
+    assert env["PYTHONPATH"] == str(local / "code")
+    (tmp_path / "empty").mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", model.logged.tracking_uri)
+        with pytest.raises(StepError, match="cannot download the model"):
+            download_model(f"models:/{MODEL_NAME}@no-such-alias", tmp_path / "missing")
+    (local / "code" / "cifar_models" / "server.py").unlink()  # as in a model registered before it
+    with pytest.raises(StepError, match="predates the batching server"):
+        download_model(str(local), tmp_path)
