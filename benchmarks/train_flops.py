@@ -6,7 +6,8 @@ machine's speed enters it, so it compares a GPU recipe with a CPU one, which no 
     python benchmarks/train_flops.py --recipes cpu,fast,reference:custom_resnet --out benchmarks/results/train-flops.json
 
 A recipe may name its model after a colon (the reference recipe names none: main trains it on
-custom_resnet).
+custom_resnet) and its epochs after a second one, as a time budget chose them (cpu:fast_net:13):
+the recipe's share of them at low resolution, as train takes it.
 
 The model is built by steps.training.start_training as train builds it (the whitening conv frozen,
 its bias trained or frozen as each epoch has it, BatchNorm scales frozen where the recipe freezes
@@ -92,7 +93,8 @@ def recipe_flops(cfg: TrainConfig, training: Training, train_images: int, batch:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", default="cpu,fast", help=f"comma-separated, of {', '.join(RECIPES)}, each with "
-                                                          "an optional :model; ratios are to the first")
+                                                          "an optional :model and :epochs (as a time budget "
+                                                          "chose them); ratios are to the first")
     p.add_argument("--train-images", type=int, default=TRAIN_IMAGES)
     p.add_argument("--batch", type=int, default=8, help="images in each counted step (the count is per image)")
     p.add_argument("--out", type=Path, default=Path("train_flops.json"))
@@ -100,10 +102,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     configs = []
     for spelled in args.recipes.split(","):
-        recipe, _, model = spelled.partition(":")
+        recipe, _, rest = spelled.partition(":")
+        model, _, epochs = rest.partition(":")
         try:
+            if epochs and not epochs.isdigit():
+                raise StepError(f"{spelled!r}: epochs after the second colon are a whole number")
+            given = {"model": model or None, "epochs": int(epochs) if epochs else None}
             # compile off: the count runs the plain module; max_lr: any, nothing here is scheduled.
-            cfg = replace(resolve_config(recipe, {"model": model or None}), compile=False, max_lr=0.1)
+            cfg = replace(resolve_config(recipe, given), compile=False, max_lr=0.1)
             validate(cfg)
         except StepError as exc:  # before any work: the step's one-line message, no traceback
             raise SystemExit(f"error: {exc}") from None

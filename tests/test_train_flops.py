@@ -89,3 +89,15 @@ def test_an_unknown_recipe_or_model_is_one_line_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="^error: unknown model 'nonet'"):
         train_flops.main(["--recipes", "cpu,fast:nonet", "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_epochs_after_a_second_colon_count_a_budget_s_choice(tmp_path):
+    # Twice the cpu recipe's 9 epochs keep its share at low resolution (10 of 18): exactly twice the arithmetic.
+    result = train_flops.main(["--recipes", "cpu,cpu::18", "--train-images", "512", "--batch", "4",
+                               "--out", str(tmp_path / "flops.json")])
+    nine, eighteen = result["rows"]
+    assert (nine["epochs"], eighteen["epochs"]) == (9, 18) and eighteen["model"] == nine["model"]
+    assert [len(k["epochs"]) for k in eighteen["by_epoch_kind"]] == [10, 8]
+    assert eighteen["vs_first"] == pytest.approx(2.0)
+    with pytest.raises(SystemExit, match="^error: 'cpu::x': epochs after the second colon are a whole number"):
+        train_flops.main(["--recipes", "cpu::x", "--out", str(tmp_path / "x.json")])
