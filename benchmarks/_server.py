@@ -219,11 +219,15 @@ def log_tail(server: Server, chars: int = 3000) -> str:
 
 def stop(server: Server) -> None:
     """End the server's whole process group (the mlflow CLI, uvicorn and its workers)."""
-    process = server.process
+    stop_group(server.process)
+
+
+def stop_group(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """End a process started as its group's leader, and the group: SIGTERM, then SIGKILL after grace_s."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)

@@ -12,7 +12,6 @@ repository whose only setting is the server's URL.
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -109,13 +108,7 @@ def start_tracking_server(root: Path, pg_port: int) -> tuple[subprocess.Popen, s
 def stop(process: subprocess.Popen) -> None:
     """End the server's process group (the CLI, uvicorn and its workers); it keeps nothing that
     needs a slow stop, the database being PostgreSQL's."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+    _server.stop_group(process, grace_s=5)
 
 
 @pytest.fixture(scope="module")
