@@ -4,7 +4,7 @@ Two kinds, both on uint8 images, so no float copy of a batch exists before the m
 
 - albumentations policies run on the CPU, one image at a time, on (N, 32, 32, 3) NHWC numpy
   batches as the batch iterator cuts them from the stored set;
-- the tensor policies (`tensor`, `flip_translate`) run on (N, 3, 32, 32) NCHW tensors on
+- the tensor policies (`tensor`, `flip_translate`, `altflip_translate`) run on (N, 3, 32, 32) NCHW tensors on
   whatever device the batch is on, batched with no per-image Python loop, for when CPU-side
   augmentation would starve a GPU.
 
@@ -115,6 +115,8 @@ def _augment_batch(idx: np.ndarray, seed: int) -> np.ndarray:
 
 class TensorPolicy:
     """Random horizontal flip, random translation and cutout on NCHW uint8 tensors, batched.
+    With alternate_flip the flip is not random here: the batch iterator mirrors the images
+    that alternating_flips names for the epoch, before this policy sees them.
 
     Translation shifts each image by up to `max_shift` pixels in each direction, reflecting at
     the borders (the index arithmetic of reflect padding followed by a random crop, done as one
@@ -125,8 +127,10 @@ class TensorPolicy:
 
     on_device = True
 
-    def __init__(self, mean: Mean, max_shift: int = 2, cutout: int = 8, name: str = "tensor") -> None:
+    def __init__(self, mean: Mean, max_shift: int = 2, cutout: int = 8, name: str = "tensor",
+                 alternate_flip: bool = False) -> None:
         self.name = name
+        self.alternate_flip = alternate_flip
         self.fill = torch.tensor(pixel_mean(mean), dtype=torch.uint8).view(1, 3, 1, 1)
         self.max_shift = max_shift
         self.cutout = cutout
@@ -143,7 +147,7 @@ class TensorPolicy:
         cutout's centre cy, cx. Drawn on the CPU from the one checkpointed generator: a handful
         of numbers per image, not worth a device-side generator of their own. Apart from
         apply so that a data-parallel rank draws a whole batch's and applies its share's."""
-        flip = torch.rand(n, generator=generator) < 0.5
+        flip = (torch.rand(n, generator=generator) < 0.5) & (not self.alternate_flip)
         dy, dx = torch.randint(-self.max_shift, self.max_shift + 1, (2, n), generator=generator)
         cy = torch.randint(0, h, (n,), generator=generator)
         cx = torch.randint(0, w, (n,), generator=generator)
@@ -172,6 +176,17 @@ class TensorPolicy:
         hole = ((y >= (cy - half)[:, None, None]) & (y < (cy - half + self.cutout)[:, None, None])
                 & (x >= (cx - half)[:, None, None]) & (x < (cx - half + self.cutout)[:, None, None]))
         return torch.where(hole[:, None], self.fill.to(device), out)
+
+
+def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which of n training images epoch `epoch` (counted from 1) mirrors, as airbench94 does: a
+    random half, drawn once from the seed, in odd epochs and the other half in even ones. Every
+    two epochs so show each image both ways round, where independent coin flips show a half of
+    them one way only; in a run of a few epochs that is worth more epochs (benchmarks/README.md,
+    "CPU recipe"). A function of seed and epoch alone, so a resume or a data-parallel rank
+    mirrors the same images."""
+    first = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return first if epoch % 2 else ~first
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -242,6 +257,8 @@ POLICIES: dict[str, Callable[[Mean], Policy]] = {
     # than overfits, and cutout's extra regularisation costs it accuracy
     # (benchmarks/README.md, "CPU recipe").
     "flip_translate": lambda mean: TensorPolicy(mean, cutout=0, name="flip_translate"),
+    # The same with airbench's alternating flip (alternating_flips) instead of a coin per image.
+    "altflip_translate": lambda mean: TensorPolicy(mean, cutout=0, name="altflip_translate", alternate_flip=True),
     "none": lambda mean: None,
 }
 

@@ -21,8 +21,8 @@ def num_batches(n: int, batch_size: int, drop_last: bool) -> int:
 
 def iterate_batches(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, batch_size: int, *,
                     generator: torch.Generator | None = None, drop_last: bool = False,
-                    augment: Policy = None, workers: int = 0,
-                    shard: Shard | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                    augment: Policy = None, workers: int = 0, shard: Shard | None = None,
+                    flips: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(N, 3, H, W) uint8 image and int64 label batches from NHWC uint8 images.
 
     x is the stored set, numpy on the CPU or a tensor already on the device; it stays uint8
@@ -36,6 +36,9 @@ def iterate_batches(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, 
     single process would, and each keeps its own slice of them. A CPU-side policy then
     augments that slice, reseeded per process so that the processes' augmentations differ
     (process 0's are the single process's for its images).
+
+    flips, a bool per stored image (augment.alternating_flips), mirrors the images it names as
+    they are cut, before any policy sees them.
     """
     cpu_augment = augment is not None and not augment.on_device
     if cpu_augment and isinstance(x, torch.Tensor):
@@ -51,9 +54,11 @@ def iterate_batches(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, 
         batch_size = part.stop - part.start
     if isinstance(x, torch.Tensor):
         order = host_to_device(order, x.device)  # once per epoch, not once per batch
+        if flips is not None:
+            flips = host_to_device(flips, x.device)
         for b in range(count):
             idx = order[b * batch_size:(b + 1) * batch_size]
-            yield to_nchw(x[idx]), torch.as_tensor(y)[idx].to(torch.int64)
+            yield _mirror(to_nchw(x[idx]), flips, idx), torch.as_tensor(y)[idx].to(torch.int64)
         return
     slices = [order[b * batch_size:(b + 1) * batch_size].numpy() for b in range(count)]
     if cpu_augment:
@@ -65,4 +70,11 @@ def iterate_batches(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor, 
     else:
         batches = (x[idx] for idx in slices)
     for images, idx in zip(batches, slices):  # batches first: its pool ends as it runs out
-        yield to_nchw(images), torch.as_tensor(y[idx], dtype=torch.int64)
+        yield _mirror(to_nchw(images), flips, idx), torch.as_tensor(y[idx], dtype=torch.int64)
+
+
+def _mirror(images: torch.Tensor, flips: torch.Tensor | None, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """NCHW images with those that flips names (by stored index idx) mirrored left to right."""
+    if flips is None:
+        return images
+    return torch.where(flips[torch.as_tensor(idx)].view(-1, 1, 1, 1), images.flip(-1), images)

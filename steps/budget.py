@@ -1,6 +1,7 @@
 """Training that fits a time budget: the run times a few of its own steps and one test pass on
 the machine it is on, then fixes the number of epochs (and so of low-resolution epochs, a fixed
-fraction of them) that fit what is left of the budget. The schedule is then known before the
+fraction of them) that fit what is left of the budget, testing every few epochs where a test
+pass after each would take more than TEST_SHARE of it. The schedule is then known before the
 first real step, as with a fixed epoch count, and a budget run equals a run given the epochs
 it chose. The same recipe so takes its 15 minutes on a fast host and on a slow one, and learns
 more where more fits.
@@ -32,6 +33,10 @@ PROBE_TEST_IMAGES = 2048  # one test pass is timed on this many test images and 
 # The epochs are chosen to fill this share of what is left: a step's time on a shared machine
 # wanders by a few percent, and an epoch more than fits would overrun by a whole epoch.
 FILL = 0.97
+# Test passes train nothing: under a budget they get at most this share of it, by testing every
+# few epochs rather than after each (a recipe's test_every is never lowered; the last epoch is
+# always tested). On a 2-core CPU a pass after each epoch took 18% of a 15-minute budget.
+TEST_SHARE = 0.05
 MAX_EPOCHS = 10_000
 
 _UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600}
@@ -67,6 +72,7 @@ class Pace:
 class Fit:
     epochs: int
     low_res_epochs: int
+    test_every: int
     predicted_seconds: float  # the chosen epochs' training and test passes, by the pace
     seconds_left: float  # of the budget, when the epochs were chosen
     pace: Pace
@@ -77,7 +83,8 @@ class Fit:
                 f"{self.seconds_left:.1f} s left after {self.pace.probe_seconds:.1f} s of timing, the epochs take "
                 f"{self.predicted_seconds:.1f} s at {1000 * self.pace.step_seconds:.1f} ms a step"
                 + (f" ({1000 * self.pace.low_res_step_seconds:.1f} ms at low resolution)" if self.low_res_epochs else "")
-                + f" and {self.pace.test_seconds:.2f} s a test pass")
+                + f" and {self.pace.test_seconds:.2f} s a test pass, run after "
+                + ("every epoch" if self.test_every == 1 else f"every {self.test_every} epochs and the last"))
 
 
 def _synchronize(hw: Hardware) -> None:
@@ -140,27 +147,38 @@ def predicted_seconds(cfg: TrainConfig, epochs: int, steps_per_epoch: int, pace:
         + tests * pace.test_seconds
 
 
+def test_every(cfg: TrainConfig, epochs: int, pace: Pace, seconds_left: float) -> int:
+    """cfg's test_every, raised so that the test passes of `epochs` epochs take at most
+    TEST_SHARE of seconds_left (the last epoch's pass is always run)."""
+    passes = max(1, math.floor(TEST_SHARE * seconds_left / pace.test_seconds)) if pace.test_seconds > 0 else epochs
+    return max(cfg.test_every, math.ceil(epochs / passes))
+
+
 def fit_epochs(cfg: TrainConfig, steps_per_epoch: int, pace: Pace, seconds_left: float) -> Fit:
-    """The most epochs whose training fits FILL of seconds_left; at least one, with a warning
-    when even that does not fit."""
+    """The most epochs whose training and test passes fit FILL of seconds_left; at least one,
+    with a warning when even that does not fit."""
+    def fitted(epochs: int) -> TrainConfig:
+        return replace(cfg, epochs=epochs, test_every=test_every(cfg, epochs, pace, seconds_left))
+
     epochs = 1
-    while epochs < MAX_EPOCHS and predicted_seconds(cfg, epochs + 1, steps_per_epoch, pace) <= FILL * seconds_left:
+    while epochs < MAX_EPOCHS and predicted_seconds(fitted(epochs + 1), epochs + 1, steps_per_epoch,
+                                                    pace) <= FILL * seconds_left:
         epochs += 1
-    predicted = predicted_seconds(cfg, epochs, steps_per_epoch, pace)
+    at = fitted(epochs)
+    predicted = predicted_seconds(at, epochs, steps_per_epoch, pace)
     if predicted > seconds_left:
         log.warning("time budget: even one epoch takes %.1f s here, more than the %.1f s left; training one",
                     predicted, seconds_left)
-    at = replace(cfg, epochs=epochs)
     low = sum(1 for e in range(1, epochs + 1) if epoch_size(at, e) is not None)
-    return Fit(epochs, low, predicted, seconds_left, pace)
+    return Fit(epochs, low, at.test_every, predicted, seconds_left, pace)
 
 
 def fit_budget(cfg: TrainConfig, training: Training, train_set: tuple, data: CifarData, hw: Hardware,
                spent: float) -> tuple[TrainConfig, Fit]:
-    """cfg with the epochs that fit its time_budget, `spent` seconds of which are already gone
+    """cfg with the epochs (and test_every) that fit its time_budget, `spent` seconds of which are already gone
     (a range test, say), and how they were chosen."""
     pace = measure_pace(cfg, training, train_set, data, hw)
     steps_per_epoch = num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
     fit = fit_epochs(cfg, steps_per_epoch, pace, cfg.time_budget - spent - pace.probe_seconds)
     log.info("time budget: %s", fit.reason(cfg.time_budget))
-    return replace(cfg, epochs=fit.epochs), fit
+    return replace(cfg, epochs=fit.epochs, test_every=fit.test_every), fit

@@ -249,6 +249,7 @@ class ShardedPolicy:
         self.policy = policy
         self.shard = shard
         self.name = policy.name
+        self.alternate_flip = policy.alternate_flip
 
     def reseed(self, seed: int) -> None:
         pass

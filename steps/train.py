@@ -172,9 +172,11 @@ def train(cfg: TrainConfig, data_uri: str, device: str = "auto", precision: str 
     key = checkpoints.checkpoint_key(cfg, data.digest, code_version(), mlflow.get_tracking_uri())
     folder = checkpoints.checkpoint_root() / key
     run_id = mlflow.active_run().info.run_id
-    # With a time budget the epochs are the run's to choose (steps.budget): logged once chosen.
-    # The budget itself goes in seconds, beside the "15m" that mlflow run may have logged.
-    params = {k: v for k, v in asdict(cfg).items() if k != "time_budget" and not (cfg.time_budget and k == "epochs")}
+    # With a time budget the epochs and test_every are the run's to choose (steps.budget):
+    # logged once chosen. The budget itself goes in seconds, beside the "15m" that mlflow run
+    # may have logged.
+    params = {k: v for k, v in asdict(cfg).items()
+              if k != "time_budget" and not (cfg.time_budget and k in ("epochs", "test_every"))}
     log_params({**params, **recipe_param(recipe), "time_budget_seconds": cfg.time_budget, "data": data_uri,
                 "data_digest": data.digest})
     mlflow.set_tags({"data_digest": data.digest, "device": str(hw.device), "hardware": hardware.describe(hw.device),
@@ -276,15 +278,15 @@ def _train_locked(cfg: TrainConfig, data: CifarData, hw: hardware.Hardware, path
 
 def budgeted(cfg: TrainConfig, state: dict | None, training: Training, train_set: tuple, data: CifarData,
              hw: hardware.Hardware, spent: float) -> TrainConfig:
-    """cfg with the epochs its time budget fits, measured here (steps.budget), or, on a resume,
-    the ones the interrupted run chose: its schedule is the one being resumed."""
+    """cfg with the epochs (and test_every) its time budget fits, measured here (steps.budget),
+    or, on a resume, the ones the interrupted run chose: its schedule is the one being resumed."""
     if state is not None:
-        epochs = state["config"]["epochs"]
+        epochs, every = state["config"]["epochs"], state["config"]["test_every"]
         log.info("time budget: resuming the %d epochs the interrupted run chose", epochs)
-        log_params({"epochs": epochs})
-        return replace(cfg, epochs=epochs)
+        log_params({"epochs": epochs, "test_every": every})
+        return replace(cfg, epochs=epochs, test_every=every)
     fitted, fit = budget.fit_budget(cfg, training, train_set, data, hw, spent)
-    log_params({"epochs": fitted.epochs, "budget_low_res_epochs": fit.low_res_epochs,
+    log_params({"epochs": fitted.epochs, "test_every": fitted.test_every, "budget_low_res_epochs": fit.low_res_epochs,
                 "budget_step_seconds": fit.pace.step_seconds, "budget_low_res_step_seconds": fit.pace.low_res_step_seconds,
                 "budget_test_seconds": fit.pace.test_seconds, "budget_probe_seconds": fit.pace.probe_seconds,
                 "budget_predicted_seconds": fit.predicted_seconds})

@@ -5,12 +5,13 @@ one-minute budget."""
 import math
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from steps import budget, hardware, schedules
+from steps import budget, hardware, recipes, schedules
 from steps.batches import num_batches
 from steps.data import load_data, synthetic, write_data
 from steps.errors import StepError
@@ -40,16 +41,34 @@ def test_epochs_and_a_budget_together_are_refused():
 
 def test_the_most_epochs_that_fit_are_chosen_with_their_share_at_low_resolution():
     cfg = resolve_config("cpu", {"time_budget": 100.0, "test_every": 2})  # low_res 24 for 5/9 of the epochs
-    pace = budget.Pace(step_seconds=0.1, low_res_step_seconds=0.05, test_seconds=1.0, probe_seconds=0.0)
+    pace = budget.Pace(step_seconds=0.1, low_res_step_seconds=0.05, test_seconds=0.05, probe_seconds=0.0)
     # 10 steps an epoch: 1 s at full size, 0.5 s at low resolution, plus a test pass after every 2nd and the last.
-    assert budget.predicted_seconds(cfg, 9, 10, pace) == pytest.approx(5 * 0.5 + 4 * 1.0 + 5 * 1.0)
+    assert budget.predicted_seconds(cfg, 9, 10, pace) == pytest.approx(5 * 0.5 + 4 * 1.0 + 5 * 0.05)
     fit = budget.fit_epochs(cfg, 10, pace, seconds_left=100.0)
+    assert fit.test_every == 2  # its test passes take well under TEST_SHARE of the budget
     assert budget.predicted_seconds(cfg, fit.epochs, 10, pace) <= budget.FILL * 100
     assert budget.predicted_seconds(cfg, fit.epochs + 1, 10, pace) > budget.FILL * 100
     assert fit.low_res_epochs == math.floor(cfg.low_res_pct * fit.epochs + 1e-9) > 0
     # Twice the time left, about twice the epochs; none left, still one (with a warning).
     assert budget.fit_epochs(cfg, 10, pace, 200.0).epochs in range(2 * fit.epochs - 2, 2 * fit.epochs + 3)
     assert budget.fit_epochs(cfg, 10, pace, 0.1).epochs == 1
+
+
+@pytest.mark.parametrize("given", [1, 3])
+def test_test_passes_are_spaced_to_take_at_most_their_share_of_a_budget(given):
+    cfg = resolve_config("cpu", {"time_budget": 100.0, "test_every": given})
+    pace = budget.Pace(step_seconds=0.05, low_res_step_seconds=0.05, test_seconds=1.0, probe_seconds=0.0)
+    fit = budget.fit_epochs(cfg, 10, pace, seconds_left=100.0)  # a pass a 0.5-s epoch would take 2/3 of it
+    at = replace(cfg, epochs=fit.epochs, test_every=fit.test_every)
+    passes = sum(recipes.tests_after(at, e) for e in range(1, fit.epochs + 1))
+    assert fit.test_every > given and passes * pace.test_seconds <= budget.TEST_SHARE * 100
+    assert recipes.tests_after(at, fit.epochs)  # the weights logged are tested
+    # The epochs that fit are counted with these passes, not one after each.
+    assert budget.predicted_seconds(at, fit.epochs, 10, pace) <= budget.FILL * 100
+    assert fit.epochs >= (budget.FILL - budget.TEST_SHARE) * 100 / 0.5 - 1  # a pass after each: 64
+    assert f"every {fit.test_every} epochs" in fit.reason(100.0)
+    # A test_every above what the share asks is kept.
+    assert budget.fit_epochs(replace(cfg, test_every=1000), 10, pace, 100.0).test_every == 1000
 
 
 def test_timing_the_steps_leaves_the_training_as_it_was(tmp_path):

@@ -274,11 +274,13 @@ def test_a_training_epoch_on_a_gpu_does_not_wait_for_it_step_by_step():
     assert waits(8) == waits(2)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
-def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch, optimizer):
+@pytest.mark.parametrize("optimizer, aug", [("sgd", "tensor"), ("muon", "altflip_translate")])
+def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri, tmp_path, monkeypatch, optimizer,
+                                                aug):
     """As test_resume's crash test, with the EMA and the frozen whitening conv in the state,
     and a first epoch at low resolution, with the whitening bias training, that the resumed
-    run must not repeat; and with Muon's state (its momentum buffers) in the checkpoint."""
+    run must not repeat; and with Muon's state (its momentum buffers) in the checkpoint, and
+    the second epoch's half of an alternating flip."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -288,7 +290,7 @@ def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri
 
     monkeypatch.setenv("CIFAR10_CHECKPOINTS", str(tmp_path / "checkpoints"))
     monkeypatch.setenv("CIFAR10_CHECKPOINT_INTERVAL", "0")
-    cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0.05, aug="tensor", schedule="warmup_linear",
+    cfg = TrainConfig(epochs=2, batch_size=50, max_lr=0.05, aug=aug, schedule="warmup_linear",
                       whiten=True, ema=0.9, low_res=24, low_res_pct=0.5, whiten_bias_epochs=1, optimizer=optimizer)
     real_save = checkpoints.save_checkpoint
 
@@ -314,6 +316,43 @@ def test_resume_with_ema_and_whitening_is_exact(synthetic_data_dir, tracking_uri
     create_model("fast_net").load_state_dict(a)
     metrics = [client.get_run(r.info.run_id).data.metrics["test_accuracy"] for r in (resumed, straight)]
     assert metrics[0] == metrics[1]
+
+
+# --- alternating flip ----------------------------------------------------------------------------------
+
+
+def test_alternating_flips_show_every_image_both_ways_every_two_epochs():
+    from steps.augment import alternating_flips
+
+    first = alternating_flips(1000, seed=3, epoch=1)
+    assert 400 < int(first.sum()) < 600
+    assert torch.equal(alternating_flips(1000, 3, 2), ~first) and torch.equal(alternating_flips(1000, 3, 5), first)
+    assert not torch.equal(alternating_flips(1000, 4, 1), first)  # another seed, another half
+
+
+@pytest.mark.parametrize("stored_as", ["numpy", "tensor"])
+def test_batches_mirror_the_images_an_alternating_flip_names_and_the_policy_adds_no_coin(stored_as):
+    from steps.augment import TensorPolicy, alternating_flips
+    from steps.batches import iterate_batches
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(64)  # labels that name each image's stored index
+    flips = alternating_flips(64, seed=0, epoch=2)
+    stored = (torch.from_numpy(x), torch.from_numpy(y)) if stored_as == "tensor" else (x, y)
+    seen = []
+    for images, labels in iterate_batches(*stored, 16, generator=torch.Generator().manual_seed(1), flips=flips):
+        want = torch.from_numpy(x[labels.numpy()]).permute(0, 3, 1, 2)
+        want = torch.where(flips[labels].view(-1, 1, 1, 1), want.flip(-1), want)
+        assert torch.equal(images, want)
+        seen += labels.tolist()
+    assert sorted(seen) == list(range(64))
+    # The policy then shifts (not here: max_shift 0) but does not flip again at random.
+    batch = torch.from_numpy(x).permute(0, 3, 1, 2)
+    still = TensorPolicy((0.5,) * 3, max_shift=0, cutout=0, alternate_flip=True)
+    assert torch.equal(still(batch, torch.Generator().manual_seed(0)), batch)
+    coin = TensorPolicy((0.5,) * 3, max_shift=0, cutout=0)
+    assert not torch.equal(coin(batch, torch.Generator().manual_seed(0)), batch)
 
 
 # --- progressive resizing ----------------------------------------------------------------------------
