@@ -4,9 +4,9 @@ Two kinds, both on uint8 images, so no float copy of a batch exists before the m
 
 - albumentations policies run on the CPU, one image at a time, on (N, 32, 32, 3) NHWC numpy
   batches as the batch iterator cuts them from the stored set;
-- the tensor policies (`tensor`, `flip_translate`, `altflip_translate`) run on (N, 3, 32, 32) NCHW tensors on
-  whatever device the batch is on, batched with no per-image Python loop, for when CPU-side
-  augmentation would starve a GPU.
+- the tensor policies (`tensor`, `flip_translate`, `altflip_translate`) run on (N, 3, 32, 32)
+  NCHW tensors on whatever device the batch is on, batched with no per-image Python loop, for
+  when CPU-side augmentation would starve a GPU.
 
 albumentations and OpenCV are imported only when an albumentations policy is built, so the
 tensor policies (and the training benchmark) run where only torch is installed.

@@ -175,8 +175,8 @@ def fit_epochs(cfg: TrainConfig, steps_per_epoch: int, pace: Pace, seconds_left:
 
 def fit_budget(cfg: TrainConfig, training: Training, train_set: tuple, data: CifarData, hw: Hardware,
                spent: float) -> tuple[TrainConfig, Fit]:
-    """cfg with the epochs (and test_every) that fit its time_budget, `spent` seconds of which are already gone
-    (a range test, say), and how they were chosen."""
+    """cfg with the epochs (and test_every) that fit its time_budget, `spent` seconds of which
+    are already gone (a range test, say), and how they were chosen."""
     pace = measure_pace(cfg, training, train_set, data, hw)
     steps_per_epoch = num_batches(len(data.train_y), cfg.batch_size, drop_last=True)
     fit = fit_epochs(cfg, steps_per_epoch, pace, cfg.time_budget - spent - pace.probe_seconds)

@@ -286,7 +286,10 @@ def budgeted(cfg: TrainConfig, state: dict | None, training: Training, train_set
         log_params({"epochs": epochs, "test_every": every})
         return replace(cfg, epochs=epochs, test_every=every)
     fitted, fit = budget.fit_budget(cfg, training, train_set, data, hw, spent)
-    log_params({"epochs": fitted.epochs, "test_every": fitted.test_every, "budget_low_res_epochs": fit.low_res_epochs,
+    # test_every also as budget_test_every: a test_every given on the command line stays the
+    # run's param even where the budget raised it.
+    log_params({"epochs": fitted.epochs, "test_every": fitted.test_every, "budget_test_every": fit.test_every,
+                "budget_low_res_epochs": fit.low_res_epochs,
                 "budget_step_seconds": fit.pace.step_seconds, "budget_low_res_step_seconds": fit.pace.low_res_step_seconds,
                 "budget_test_seconds": fit.pace.test_seconds, "budget_probe_seconds": fit.pace.probe_seconds,
                 "budget_predicted_seconds": fit.predicted_seconds})

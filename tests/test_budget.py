@@ -114,8 +114,12 @@ def test_train_keeps_a_one_minute_budget_and_logs_the_epochs_it_chose(tmp_path, 
     assert float(run.data.params["time_budget_seconds"]) == limit
     assert f"{epochs} epochs" in run.data.tags["budget_choice"]
     assert int(run.data.params["budget_low_res_epochs"]) == math.floor(5 / 9 * epochs + 1e-9)
+    every = int(run.data.params["budget_test_every"])
+    assert every >= 1 and (every == 1) == ("after every epoch" in run.data.tags["budget_choice"])
     # Every chosen epoch trained and logged once; the budget kept within 10%.
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(1, epochs + 1))
+    tested = [e for e in range(1, epochs + 1) if e % every == 0 or e == epochs]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")] == tested
     used = run.data.metrics["budget_used_seconds"]
     assert 0.9 * limit <= used <= 1.1 * limit, (used, run.data.tags["budget_choice"])
     assert run.data.metrics["train_seconds"] < used

@@ -342,7 +342,7 @@ def test_augment_workers_use_the_cores_but_one_when_a_gpu_trains(monkeypatch):
 
 
 def test_unknown_policy_lists_the_known():
-    with pytest.raises(ValueError, match="known: reference, separable, tensor, flip_translate, none"):
+    with pytest.raises(ValueError, match="known: reference, separable, tensor, flip_translate, altflip_translate, none"):
         build_policy("mixup", (0.5, 0.5, 0.5))
 
 

@@ -418,7 +418,7 @@ def test_recipe_beats_default_and_an_explicit_option_beats_the_recipe():
 
     cpu = resolve_config("cpu", {"epochs": None, "whiten": None})
     assert (cpu.model, cpu.epochs, cpu.batch_size, cpu.aug, cpu.whiten, cpu.ema, cpu.low_res) == (
-        "fast_net_small", 9, 128, "flip_translate", True, 0.99, 24)
+        "fast_net_small", 9, 128, "altflip_translate", True, 0.99, 24)
     # Explicit wins even where it equals TrainConfig's default.
     mixed = resolve_config("cpu", {"epochs": 3, "batch_size": TrainConfig.batch_size, "whiten": False})
     assert (mixed.epochs, mixed.whiten, mixed.ema) == (3, False, 0.99)

@@ -207,7 +207,7 @@ def test_find_lr_tests_the_configuration_train_will_use(synthetic_data_dir, trac
                                                    "--batch-size", "32", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert isinstance(seen["optimizer"], MuonSGD) and not seen["model"].whiten.weight.requires_grad
-    assert (seen["batch_size"], seen["label_smoothing"], seen["aug"]) == (32, 0.2, "flip_translate")
+    assert (seen["batch_size"], seen["label_smoothing"], seen["aug"]) == (32, 0.05, "altflip_translate")
     [run] = MlflowClient().search_runs(["0"])
     assert (run.data.params["optimizer"], run.data.params["whiten"], run.data.params["model"]) == (
         "muon", "True", "fast_net_small")
