@@ -58,7 +58,7 @@ def test_the_most_epochs_that_fit_are_chosen_with_their_share_at_low_resolution(
 def test_test_passes_are_spaced_to_take_at_most_their_share_of_a_budget(given):
     cfg = resolve_config("cpu", {"time_budget": 100.0, "test_every": given})
     pace = budget.Pace(step_seconds=0.05, low_res_step_seconds=0.05, test_seconds=1.0, probe_seconds=0.0)
-    fit = budget.fit_epochs(cfg, 10, pace, seconds_left=100.0)  # a pass a 0.5-s epoch would take 2/3 of it
+    fit = budget.fit_epochs(cfg, 10, pace, seconds_left=100.0)  # after each 0.5-s epoch, a pass would be 2/3 of the time
     at = replace(cfg, epochs=fit.epochs, test_every=fit.test_every)
     passes = sum(recipes.tests_after(at, e) for e in range(1, fit.epochs + 1))
     assert fit.test_every > given and passes * pace.test_seconds <= budget.TEST_SHARE * 100

@@ -96,9 +96,9 @@ def test_pipeline_registers_reuses_and_reports_failures(tmp_path, tracking_uri):
     assert "train: reusing" not in third.stderr and "evaluate: reusing" not in third.stderr
     assert set(children(client, latest_driver(client, team).info.run_id, team)) == {"train", "evaluate"}
 
-    # A step that fails while it runs (a peak LR that diverges, which no check before the
+    # A step that fails while it runs (a peak LR that overflows, which no check before the
     # run can see): its own message heads the driver's error, and the driver fails.
-    bad = run_main(tmp_path, tracking_uri, env, max_lr="1e6")
+    bad = run_main(tmp_path, tracking_uri, env, max_lr="1e30")
     assert bad.returncode != 0
     errors = [line for line in bad.stderr.splitlines() if line.startswith("Error: train failed:")]
     assert len(errors) == 1 and "training loss became" in errors[0] and "lower max_lr" in errors[0]
