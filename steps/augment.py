@@ -189,6 +189,12 @@ def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
     return first if epoch % 2 else ~first
 
 
+def epoch_flips(policy: "Policy", n: int, seed: int, epoch: int) -> torch.Tensor | None:
+    """The images of n that epoch `epoch` mirrors for an alternating-flip policy
+    (alternating_flips), for the batch iterator's `flips`; None for any other policy."""
+    return alternating_flips(n, seed, epoch) if getattr(policy, "alternate_flip", False) else None
+
+
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """t on device, without making the host wait for the GPU: a copy from ordinary (pageable)
     memory to a GPU waits until every kernel already queued there has run, which in a training

@@ -20,7 +20,7 @@ from torch import nn
 
 from steps import batches, hardware, lr_range
 from steps.artifacts import PLOTS_DIR, SUGGESTED_LR_METRIC
-from steps.augment import POLICIES, alternating_flips, build_policy, check_aug
+from steps.augment import POLICIES, build_policy, check_aug, epoch_flips
 from steps.data import CifarData, load_data
 from steps.options import WHOLE, OrNotGiven, log_params, recipe_param
 from steps.recipes import AUTO, RECIPES, TrainConfig, choose_recipe, resolve_config, validate
@@ -49,8 +49,7 @@ def range_test(model: nn.Module, optimizer: torch.optim.Optimizer, data: CifarDa
     check_aug(aug)
     generator = torch.Generator().manual_seed(seed + 1)
     policy = build_policy(aug, data.mean)
-    # An alternating flip's first epoch: the test is shorter than one.
-    flips = alternating_flips(len(data.train_y), seed, 1) if getattr(policy, "alternate_flip", False) else None
+    flips = epoch_flips(policy, len(data.train_y), seed, 1)  # the test is shorter than an epoch
     result = lr_range.lr_range_test(
         model, optimizer,
         lambda: batches.iterate_batches(data.train_x, data.train_y, batch_size, generator=generator,

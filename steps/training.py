@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from steps import batches, distributed, loop
-from steps.augment import Policy, alternating_flips, build_policy
+from steps.augment import Policy, build_policy, epoch_flips
 from steps.averaging import WeightAverage
 from steps.data import CifarData
 from steps.hardware import Hardware, build_model
@@ -120,12 +120,11 @@ def train_epoch(cfg: TrainConfig, training: Training, scheduler: torch.optim.lr_
     same for any number. Returns (mean training loss, training accuracy), over this process's
     images (a data-parallel rank's part of each batch)."""
     train_whiten_bias(training.model, whiten_bias_trains(cfg, epoch))  # set every epoch: a resume lands anywhere
-    flips = (alternating_flips(len(train_set[1]), cfg.seed, epoch)
-             if getattr(training.policy, "alternate_flip", False) else None)
     epoch_batches = batches.iterate_batches(*train_set, cfg.batch_size, generator=training.generator, drop_last=True,
                                             augment=training.policy,
                                             workers=augment_workers(hw) if workers is None else workers,
-                                            shard=training.shard, flips=flips)
+                                            shard=training.shard,
+                                            flips=epoch_flips(training.policy, len(train_set[1]), cfg.seed, epoch))
     if max_steps is not None:
         epoch_batches = itertools.islice(epoch_batches, max_steps)
     return loop.train_one_epoch(training.step_model, training.optimizer, scheduler, epoch_batches, mean=data.mean,
