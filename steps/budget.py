@@ -147,7 +147,7 @@ def predicted_seconds(cfg: TrainConfig, epochs: int, steps_per_epoch: int, pace:
         + tests * pace.test_seconds
 
 
-def test_every(cfg: TrainConfig, epochs: int, pace: Pace, seconds_left: float) -> int:
+def spaced_test_every(cfg: TrainConfig, epochs: int, pace: Pace, seconds_left: float) -> int:
     """cfg's test_every, raised so that the test passes of `epochs` epochs take at most
     TEST_SHARE of seconds_left (the last epoch's pass is always run)."""
     passes = max(1, math.floor(TEST_SHARE * seconds_left / pace.test_seconds)) if pace.test_seconds > 0 else epochs
@@ -158,7 +158,7 @@ def fit_epochs(cfg: TrainConfig, steps_per_epoch: int, pace: Pace, seconds_left:
     """The most epochs whose training and test passes fit FILL of seconds_left; at least one,
     with a warning when even that does not fit."""
     def fitted(epochs: int) -> TrainConfig:
-        return replace(cfg, epochs=epochs, test_every=test_every(cfg, epochs, pace, seconds_left))
+        return replace(cfg, epochs=epochs, test_every=spaced_test_every(cfg, epochs, pace, seconds_left))
 
     epochs = 1
     while epochs < MAX_EPOCHS and predicted_seconds(fitted(epochs + 1), epochs + 1, steps_per_epoch,
