@@ -20,6 +20,7 @@ import logging
 import os
 import shlex
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from functools import cache
 
@@ -87,18 +88,57 @@ def as_logged(params: dict[str, str]) -> dict[str, str]:
     return {k: shlex.quote(v) for k, v in params.items()}
 
 
+# Runs of one step are ordered by when they were created, not by when they finished: a run's
+# end time is taken by its process before the store has it, so a user can choose before the
+# run that ended first shows as ended. Creation times are in the store long before either ends.
+def _created(run) -> tuple[int, str]:
+    return run.info.start_time, run.info.run_id
+
+
+def same_step_runs(client: MlflowClient, experiment_id: str, entry_point: str, params: dict[str, str], code: str,
+                   status: str | None = None) -> list:
+    """The runs of this entry point with exactly these parameters (every one the entry point
+    declares, as as_logged gives them) and this code, oldest first; only those in `status` if given."""
+    query = f"tags.`mlflow.project.entryPoint` = '{entry_point}' and tags.`{CODE_TAG}` = '{code}'"
+    if status:
+        query += f" and attributes.status = '{status}'"
+    runs = client.search_runs([experiment_id], filter_string=query)
+    return sorted((run for run in runs if all(run.data.params.get(k) == v for k, v in params.items())), key=_created)
+
+
 def find_finished(client: MlflowClient, experiment_id: str, entry_point: str, params: dict[str, str], code: str):
-    """The first-finished run of this entry point with exactly these parameters (every one the
-    entry point declares, as as_logged gives them) and this code, or None. The first to finish,
-    so that users who ran the same step at once go on from one run (run_step)."""
-    runs = client.search_runs(
-        [experiment_id],
-        filter_string=(f"tags.`mlflow.project.entryPoint` = '{entry_point}' and tags.`{CODE_TAG}` = '{code}' "
-                       "and attributes.status = 'FINISHED'"),
-        order_by=["attributes.start_time DESC"],
-    )
-    matches = [run for run in runs if all(run.data.params.get(k) == v for k, v in params.items())]
-    return min(matches, key=lambda run: run.info.end_time or 0, default=None)
+    """The earliest-created finished run of this entry point with these parameters and code, or
+    None: the one that users who ran the same step at once all go on from (go_on_from)."""
+    return next(iter(same_step_runs(client, experiment_id, entry_point, params, code, "FINISHED")), None)
+
+
+def go_on_from(client: MlflowClient, experiment_id: str, entry_point: str, params: dict[str, str], code: str,
+               own_run_id: str, took_s: float, poll_s: float = 1.0) -> str:
+    """The run to go on from once our own run of the step has finished: the earliest-created
+    finished one, which a later command's find_finished reuses too. An identical run created
+    before ours and still running is waited for, since it wins if it finishes: for as long as
+    our step took at most, and only if it was created within that long before ours (an older
+    one is a step whose processes were killed without ending its run)."""
+    deadline = time.monotonic() + took_s
+    own = client.get_run(own_run_id)
+    window_start = own.info.start_time - took_s * 1000
+    waited_for = None
+    while True:
+        earlier = [run for run in same_step_runs(client, experiment_id, entry_point, params, code)
+                   if _created(run) < _created(own)]
+        running = None
+        for run in earlier:
+            if run.info.status == "FINISHED":
+                return run.info.run_id
+            if run.info.status in ("RUNNING", "SCHEDULED") and run.info.start_time >= window_start:
+                running = run.info.run_id
+                break
+        if running is None or time.monotonic() >= deadline:
+            return own_run_id
+        if running != waited_for:
+            log.info("%s: waiting for run %s of the same step, started before this one", entry_point, running)
+            waited_for = running
+        time.sleep(poll_s)
 
 
 def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> str:
@@ -117,6 +157,7 @@ def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> 
     # beside that ID makes its `mlflow run` refuse to start ("Specify only one of ...").
     os.environ.pop("MLFLOW_EXPERIMENT_NAME", None)
     name_main()
+    started = time.monotonic()
     submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point=entry_point, parameters=params,
                                     env_manager=cfg.env_manager, experiment_id=experiment_id, synchronous=False)
     client.set_tag(submitted.run_id, CODE_TAG, code)
@@ -124,13 +165,13 @@ def run_step(entry_point: str, params: dict, cfg: PipelineConfig, code: str) -> 
         tags = client.get_run(submitted.run_id).data.tags
         reason = tags.get(ERROR_TAG, "see the step's output above")
         raise StepError(f"{entry_point} failed: {reason} (run {submitted.run_id}); run main again to resume from this step")
-    # Another user of the same store may have run the same step at the same time and finished
-    # first: go on from that run, as a later command will, so that what follows is reused.
-    first = find_finished(client, experiment_id, entry_point, as_logged(params), code)
-    if first is not None and first.info.run_id != submitted.run_id:
-        log.info("%s: run %s of the same step finished first; going on from it", entry_point, first.info.run_id)
-        return first.info.run_id
-    return submitted.run_id
+    # Another user of the same store may have run the same step at the same time: all go on
+    # from one run, as a later command will, so that what follows is reused.
+    chosen = go_on_from(client, experiment_id, entry_point, as_logged(params), code, submitted.run_id,
+                        took_s=time.monotonic() - started)
+    if chosen != submitted.run_id:
+        log.info("%s: run %s of the same step was started first; going on from it", entry_point, chosen)
+    return chosen
 
 
 def main_options(cfg: PipelineConfig) -> dict[str, object]:

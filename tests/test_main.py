@@ -1,6 +1,7 @@
 """The main driver end to end: real `mlflow run .` subprocesses on a real SQLite registry."""
 
 import subprocess
+import time
 
 import pytest
 
@@ -155,23 +156,68 @@ def test_reuse_needs_every_parameter_of_the_entry_point_equal(tracking_uri):
         all_params("train", {"epoch": 1})
 
 
-def test_of_two_identical_finished_runs_the_first_to_finish_is_reused(tracking_uri):
-    """Two users who ran the same step at once both go on from the run that finished first, and
-    so does every later command: what follows it is then reused for both."""
-    import mlflow
+def same_step_run(client, params: dict[str, str], start_time: int, status: str | None = None) -> str:
+    """A download_data run with these parameters as main tags its steps, created at start_time
+    (ms) and, with status, ended at once."""
+    from steps.main import CODE_TAG
+
+    run = client.create_run("0", start_time=start_time, tags={"mlflow.project.entryPoint": "download_data",
+                                                              CODE_TAG: "c1"})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    if status:
+        client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def test_of_identical_finished_runs_the_earliest_created_is_reused(tracking_uri):
+    """Two users who ran the same step at once both go on from the run created first, and so
+    does every later command: what follows it is then reused for both."""
     from mlflow.tracking import MlflowClient
 
-    from steps.main import CODE_TAG, all_params, as_logged, find_finished
+    from steps.main import all_params, as_logged, find_finished
 
     client = MlflowClient()
     params = as_logged(all_params("download_data", {"source": "synthetic"}))
-    runs = []
-    for took_ms in (60_000, 20_000, 90_000):  # the second started later and finished first
-        with mlflow.start_run(tags={"mlflow.project.entryPoint": "download_data", CODE_TAG: "c1"}) as run:
-            mlflow.log_params(params)
-        client.set_terminated(run.info.run_id, "FINISHED", end_time=run.info.start_time + took_ms)
-        runs.append(run.info.run_id)
+    now = int(time.time() * 1000)
+    runs = [same_step_run(client, params, now + offset, "FINISHED") for offset in (2000, 0, 1000)]
+    same_step_run(client, params, now - 1000, "FAILED")
     assert find_finished(client, "0", "download_data", params, "c1").info.run_id == runs[1]
+
+
+def test_a_step_goes_on_from_an_identical_run_started_before_it_once_that_finishes(tracking_uri):
+    """go_on_from: an identical run created before ours and still running is waited for, and
+    gone on from if it finishes; not if it fails, if it is too old to be running still (its
+    processes were killed without ending it), or if it outlasts our own step's time."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from steps.main import all_params, as_logged, go_on_from
+
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+
+    def scenario(source: str, earlier_ms: int, end_with: str | None, took_s: float) -> tuple[bool, float]:
+        """(whether the earlier run was chosen, seconds waited)."""
+        params = as_logged(all_params("download_data", {"source": source}))
+        earlier = same_step_run(client, params, now - earlier_ms)
+        own = same_step_run(client, params, now, "FINISHED")
+        if end_with:
+            threading.Timer(1.0, client.set_terminated, (earlier, end_with)).start()
+        started = time.monotonic()
+        chosen = go_on_from(client, "0", "download_data", params, "c1", own, took_s=took_s, poll_s=0.1)
+        assert chosen in (earlier, own)
+        return chosen == earlier, time.monotonic() - started
+
+    chosen, waited = scenario("finishes", 500, "FINISHED", took_s=30)
+    assert chosen and 0.9 < waited < 10
+    chosen, waited = scenario("fails", 500, "FAILED", took_s=30)
+    assert not chosen and 0.9 < waited < 10
+    chosen, waited = scenario("killed an hour ago", 3_600_000, None, took_s=30)
+    assert not chosen and waited < 5
+    chosen, waited = scenario("outlasts us", 500, None, took_s=1.5)
+    assert not chosen and 1.4 < waited < 10
 
 
 def test_mlflow_experiment_name_puts_the_whole_pipeline_in_that_experiment(tmp_path, tracking_uri):

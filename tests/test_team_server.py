@@ -185,7 +185,7 @@ def test_two_users_share_a_server_and_the_champion_is_served_from_it(team, tmp_p
     assert client.get_run(versions[good].tags["pipeline_run_id"]).data.tags["champion_moved"] == "true"
     assert versions[good].tags["champion_decision"].startswith("promoted: ")
     assert "challenger" in versions["2"].aliases and "challenger" not in versions["1"].aliases
-    # Both ran download_data at once; both went on from the run that finished first.
+    # Both ran download_data at once; both went on from the one created first (steps.main.go_on_from).
     assert versions["1"].tags["data_run_id"] == versions["2"].tags["data_run_id"]
     # Artifacts went through the server to its --artifacts-destination.
     model_id = versions[good].source.removeprefix("models:/")
