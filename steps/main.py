@@ -113,15 +113,17 @@ def find_finished(client: MlflowClient, experiment_id: str, entry_point: str, pa
 
 
 def go_on_from(client: MlflowClient, experiment_id: str, entry_point: str, params: dict[str, str], code: str,
-               own_run_id: str, took_s: float, poll_s: float = 1.0) -> str:
+               own_run_id: str, took_s: float, poll_s: float = 1.0, min_wait_s: float = 60.0) -> str:
     """The run to go on from once our own run of the step has finished: the earliest-created
     finished one, which a later command's find_finished reuses too. An identical run created
     before ours and still running is waited for, since it wins if it finishes: for as long as
-    our step took at most, and only if it was created within that long before ours (an older
-    one is a step whose processes were killed without ending its run)."""
-    deadline = time.monotonic() + took_s
+    our step took (at least min_wait_s, as a short step's time is mostly start-up, which a busy
+    host stretches), and only if it was created within that long before ours (an older one is
+    a step whose processes were killed without ending its run)."""
+    wait_s = max(took_s, min_wait_s)
+    deadline = time.monotonic() + wait_s
     own = client.get_run(own_run_id)
-    window_start = own.info.start_time - took_s * 1000
+    window_start = own.info.start_time - wait_s * 1000
     waited_for = None
     while True:
         earlier = [run for run in same_step_runs(client, experiment_id, entry_point, params, code)

@@ -188,7 +188,8 @@ def test_of_identical_finished_runs_the_earliest_created_is_reused(tracking_uri)
 def test_a_step_goes_on_from_an_identical_run_started_before_it_once_that_finishes(tracking_uri):
     """go_on_from: an identical run created before ours and still running is waited for, and
     gone on from if it finishes; not if it fails, if it is too old to be running still (its
-    processes were killed without ending it), or if it outlasts our own step's time."""
+    processes were killed without ending it), or if it outlasts our own step's time (or the
+    minimum wait, for a step that took less)."""
     import threading
 
     from mlflow.tracking import MlflowClient
@@ -198,7 +199,8 @@ def test_a_step_goes_on_from_an_identical_run_started_before_it_once_that_finish
     client = MlflowClient()
     now = int(time.time() * 1000)
 
-    def scenario(source: str, earlier_ms: int, end_with: str | None, took_s: float) -> tuple[bool, float]:
+    def scenario(source: str, earlier_ms: int, end_with: str | None, took_s: float,
+                 min_wait_s: float = 0) -> tuple[bool, float]:
         """(whether the earlier run was chosen, seconds waited)."""
         params = as_logged(all_params("download_data", {"source": source}))
         earlier = same_step_run(client, params, now - earlier_ms)
@@ -206,7 +208,8 @@ def test_a_step_goes_on_from_an_identical_run_started_before_it_once_that_finish
         if end_with:
             threading.Timer(1.0, client.set_terminated, (earlier, end_with)).start()
         started = time.monotonic()
-        chosen = go_on_from(client, "0", "download_data", params, "c1", own, took_s=took_s, poll_s=0.1)
+        chosen = go_on_from(client, "0", "download_data", params, "c1", own, took_s=took_s, poll_s=0.1,
+                            min_wait_s=min_wait_s)
         assert chosen in (earlier, own)
         return chosen == earlier, time.monotonic() - started
 
@@ -218,6 +221,9 @@ def test_a_step_goes_on_from_an_identical_run_started_before_it_once_that_finish
     assert not chosen and waited < 5
     chosen, waited = scenario("outlasts us", 500, None, took_s=1.5)
     assert not chosen and 1.4 < waited < 10
+    # A step that took a second still waits min_wait_s for one started before it.
+    chosen, waited = scenario("slower start-up", 500, "FINISHED", took_s=0.1, min_wait_s=30)
+    assert chosen and 0.9 < waited < 10
 
 
 def test_mlflow_experiment_name_puts_the_whole_pipeline_in_that_experiment(tmp_path, tracking_uri):
