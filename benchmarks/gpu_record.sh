@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures on the lossless copy, in one command on a lent H200 (what a session with a GPU
-# runs first; benchmarks/README.md, "Running the GPU figures"):
+# runs first; benchmarks/README.md, "Running the GPU figures on the lossless copy"):
 #
 #   bash benchmarks/gpu_record.sh ARCHIVE OUT [tiny]
 #
