@@ -49,7 +49,7 @@ step() {  # step NAME COMMAND...: run it, its output into OUT/NAME.log, time it
   fi
 }
 
-speed() {  # speed NAME ARGS...: benchmarks/train_speed.py on the archive
+speed() {  # speed NAME ARGS...: benchmarks/train_speed.py on the archive; tiny's limits come last, so they win
   local name=$1; shift
   step "$name" python3 benchmarks/train_speed.py --data "$archive" "$@" "${limits[@]}" --out "$out/$name.json"
 }
@@ -61,13 +61,10 @@ git rev-parse HEAD 2>/dev/null | sed 's/^/commit /'
 speed train-speed-fast-lossless-h200 --recipe fast --seeds "$fast_seeds"
 speed train-speed-reference-custom-resnet-lossless-h200 --recipe reference --model custom_resnet --max-lr 0.4 \
   --seeds 1 --augment-workers 8
-resnet_epochs=(--epochs 60)
-separable_epochs=(--epochs 40)
-[ "$tiny" = tiny ] && resnet_epochs=() && separable_epochs=()
 speed train-speed-resnet18-reference-60ep-lossless-h200 --recipe reference --model resnet18 --max-lr 0.4 \
-  --compile true --seeds 1 --augment-workers 8 "${resnet_epochs[@]}"
+  --compile true --seeds 1 --augment-workers 8 --epochs 60
 speed train-speed-separable-40ep-lossless-h200 --recipe reference --model separable_net --aug separable \
-  --max-lr 0.4 --seeds 1 --augment-workers 8 "${separable_epochs[@]}"
+  --max-lr 0.4 --seeds 1 --augment-workers 8 --epochs 40
 
 if python3 -c 'import mlflow' 2>/dev/null; then
   store=$(mktemp -d)

@@ -221,7 +221,7 @@ def test_a_step_goes_on_from_an_identical_run_started_before_it_once_that_finish
     assert not chosen and waited < 5
     chosen, waited = scenario("outlasts us", 500, None, took_s=1.5)
     assert not chosen and 1.4 < waited < 10
-    # A step that took a second still waits min_wait_s for one started before it.
+    # A step that took a tenth of a second still waits up to min_wait_s for one started before it.
     chosen, waited = scenario("slower start-up", 500, "FINISHED", took_s=0.1, min_wait_s=30)
     assert chosen and 0.9 < waited < 10
 
