@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch threads per worker in the server (CIFAR_SERVE_TORCH_THREADS; "
                              "default: the served model's own choice)")
     parser.add_argument("--batching-options", default="",
-                        help="options for the batching server, e.g. '--max-batch-size 16 --batch-timeout 0.002'")
+                        help="options for the batching server, e.g. '--max-batch-size 16 --batch-timeout 0.001'")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     return parser
 
@@ -524,7 +524,7 @@ def main(args: argparse.Namespace) -> dict:
         "request_bytes_b1": statistics.mean(map(len, bodies[1])), "request_bytes_b64": statistics.mean(map(len, bodies[64])),
         "clients": args.clients, "duration_s": args.duration, "repeats": args.repeats, "workers": args.workers,
         "servers": servers, "server_torch_threads": server_threads, "batching_options": args.batching_options,
-        # This process's and mlflow's server's; the batching server sets PASSIVE unless it is set.
+        # This process's and both servers' (the batching server's streams have one thread each).
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "in_process_threads": sorted({1, server_threads, len(os.sched_getaffinity(0))}),
         "in_process_streams": sorted({len(os.sched_getaffinity(0)), args.clients}),

@@ -14,10 +14,13 @@ Each request is parsed and its images decoded and checked on its own (`decode_re
 MLflow's own parser and schema enforcement and the model's `images`), so a bad request gets its
 own one-line 400 and never fails the requests batched with it. LitServe then hands the decoded
 requests that arrived within `batch_timeout_s` of each other (at most `max_batch_size`) to one
-`predict`, which classifies all their images in one call of the model's `classify`: a lone
-request runs at once with every core, and concurrent ones share one forward instead of each
-paying its own. One inference worker takes the cores by default; with more, the cores are
-divided among them, so concurrent forwards never oversubscribe them.
+`predict`, which classifies all their images at once: a lone request runs at once on every
+core, and concurrent ones share one forward instead of each paying its own. The forward runs as
+parallel streams, one per core, each classifying its share of the images on one torch thread: a
+stream never waits at a barrier for a thread that the HTTP process (on the same cores) holds up,
+as a multi-threaded forward's operators do, so the HTTP process slows the forward by what it
+takes and no more. One inference worker takes the cores by default; with more, the cores are
+divided among them.
 """
 
 import argparse
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -32,6 +36,7 @@ from pathlib import Path
 import litserve as ls
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 # What `mlflow models serve` runs on a JSON body before and after predict, so that both servers
@@ -52,12 +57,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ServerConfig:
     max_batch_size: int = 16  # requests per forward (each up to MAX_IMAGES images)
-    batch_timeout_s: float = 0.002  # how long a forward waits for more requests to join it
+    batch_timeout_s: float = 0.001  # how long a forward waits for more requests to join it
     workers: int = 1  # inference processes, each with its own copy of the model
-    threads: int = 0  # torch threads per worker; 0: the cores divided among the workers
+    threads: int = 0  # forward streams (one torch thread each) per worker; 0: the cores divided among the workers
     timeout_s: float = 60  # a request still queued after this long gets a 504
 
-    def torch_threads(self) -> int:
+    def streams(self) -> int:
         return self.threads or max(1, len(os.sched_getaffinity(0)) // self.workers)
 
 
@@ -78,11 +83,14 @@ class ClassifierAPI(ls.LitAPI):
         super().__init__(max_batch_size=config.max_batch_size, batch_timeout=config.batch_timeout_s,
                          api_path=API_PATH)
         self.model_path = model_path
-        self.threads = config.torch_threads()
+        self.streams = config.streams()
 
     def setup(self, device: str) -> None:
         self.model = mlflow.pyfunc.load_model(self.model_path)
-        torch.set_num_threads(self.threads)  # after loading: the model may set its own (serving_threads)
+        # After loading, as the model may set its own (serving_threads). Set before the streams'
+        # threads start: each takes the count when it first runs an operator.
+        torch.set_num_threads(1)
+        self.pool = ThreadPoolExecutor(self.streams, thread_name_prefix="forward")
         self.classifier = self.model.unwrap_python_model()
         if not hasattr(self.classifier, "classify"):
             raise RuntimeError(f"{self.model_path}: this model predates the batching server; serve it with "
@@ -116,7 +124,7 @@ class ClassifierAPI(ls.LitAPI):
         """One classify over the images of every good request; per request, (its rows or its
         refusal, how many requests came in this batch)."""
         good = [x for x in inputs if isinstance(x, np.ndarray)]
-        rows = self.classifier.classify(np.concatenate(good)) if good else None
+        rows = self.classify(np.concatenate(good)) if good else None
         out, start = [], 0
         for x in inputs:
             if isinstance(x, np.ndarray):
@@ -125,6 +133,13 @@ class ClassifierAPI(ls.LitAPI):
             else:
                 out.append((x, len(inputs)))
         return out
+
+    def classify(self, images: np.ndarray) -> pd.DataFrame:
+        """The model's classify on one contiguous share of the images per stream."""
+        shares = np.array_split(images, min(self.streams, len(images)))
+        if len(shares) == 1:
+            return self.classifier.classify(images)
+        return pd.concat(list(self.pool.map(self.classifier.classify, shares)), ignore_index=True)
 
     def unbatch(self, output: list) -> list:
         return output
@@ -194,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
     parser.add_argument("--batch-timeout", type=float, default=defaults.batch_timeout_s, help="seconds")
     parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="forward streams per worker, one torch thread each (0: the cores divided among the workers)")
     parser.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds")
     return parser
 
@@ -206,12 +222,6 @@ def _interrupt(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
-    # OpenMP threads that wait at a barrier sleep rather than spin. On a host where other work
-    # competes for the cores, a spinning thread takes the time its partner needs to finish: a
-    # two-thread forward took 2.5x the one-thread time at batch 64 spinning, 1.3x sleeping
-    # (benchmarks/README.md, "The batching server"). Read by the inference workers, which
-    # LitServe starts as new processes that import torch afresh.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     config = ServerConfig(max_batch_size=args.max_batch_size, batch_timeout_s=args.batch_timeout,
                           workers=args.workers, threads=args.threads, timeout_s=args.timeout)
     if not (args.model / "MLmodel").is_file():

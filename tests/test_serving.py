@@ -20,11 +20,13 @@ import threading
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import requests
 import torch
@@ -36,7 +38,7 @@ from cifar_models.calibration import CALIBRATION_FILE, Calibration, ood_scores
 from cifar_models.inference import ModelSpec, save_network
 from cifar_models.preprocess import CIFAR10_MEAN, CIFAR10_STD, CLASSES
 from cifar_models.pyfunc import MAX_IMAGES, MAX_PIXELS, OUTPUT_COLUMNS
-from cifar_models.server import BATCH_HEADER
+from cifar_models.server import BATCH_HEADER, ClassifierAPI, ServerConfig
 from cifar_models.registry import create_model
 from steps.data import synthetic
 from steps.errors import StepError
@@ -440,6 +442,24 @@ def test_concurrent_requests_share_a_forward_and_a_bad_one_fails_alone(batching_
         if bad_batched:
             break
     assert bad_batched and max(batched) > 1, batched
+
+
+def test_the_batched_forward_splits_the_images_among_streams_in_order():
+    calls = []
+
+    class Classifier:
+        def classify(self, images: np.ndarray) -> pd.DataFrame:
+            calls.append((len(images), threading.current_thread().name))
+            return pd.DataFrame({"first_pixel": images[:, 0, 0, 0].astype(int)})
+
+    api = ClassifierAPI("unused", ServerConfig(threads=3))
+    api.classifier, api.pool = Classifier(), ThreadPoolExecutor(3, thread_name_prefix="stream")
+    images = np.repeat(np.arange(10, dtype=np.uint8), 32 * 32 * 3).reshape(10, 32, 32, 3)
+    assert api.classify(images)["first_pixel"].tolist() == list(range(10))
+    assert sorted(n for n, _ in calls) == [3, 3, 4] and all(name.startswith("stream") for _, name in calls)
+    calls.clear()
+    assert api.classify(images[7:8])["first_pixel"].tolist() == [7]
+    assert calls == [(1, threading.current_thread().name)]  # one image: no hand-over to a stream
 
 
 def test_image_build_context_installs_the_model_and_the_batching_server(image_context, batching_server):
