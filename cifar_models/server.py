@@ -49,7 +49,6 @@ API_PATH = "/invocations"  # as `mlflow models serve`
 PING_PATH = "/ping"
 JSON = "application/json"
 MAX_MESSAGE = 500  # characters of an error message in a reply; MLflow's can quote the request
-SHARE = 32  # most images one stream classifies at a time
 BATCH_HEADER = "X-Batch-Requests"  # in each reply: how many requests were batched with it (itself too)
 
 log = logging.getLogger(__name__)
@@ -136,10 +135,8 @@ class ClassifierAPI(ls.LitAPI):
         return out
 
     def classify(self, images: np.ndarray) -> pd.DataFrame:
-        """The model's classify on contiguous shares of the images, which the streams take in
-        turn: at least one share per stream, and shares of at most SHARE images, so that a
-        stream slowed by other work takes fewer of them rather than holding the others up."""
-        shares = np.array_split(images, max(min(self.streams, len(images)), -(-len(images) // SHARE)))
+        """The model's classify on one contiguous share of the images per stream."""
+        shares = np.array_split(images, min(self.streams, len(images)))
         if len(shares) == 1:
             return self.classifier.classify(images)
         return pd.concat(list(self.pool.map(self.classifier.classify, shares)), ignore_index=True)

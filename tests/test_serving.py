@@ -38,7 +38,7 @@ from cifar_models.calibration import CALIBRATION_FILE, Calibration, ood_scores
 from cifar_models.inference import ModelSpec, save_network
 from cifar_models.preprocess import CIFAR10_MEAN, CIFAR10_STD, CLASSES
 from cifar_models.pyfunc import MAX_IMAGES, MAX_PIXELS, OUTPUT_COLUMNS
-from cifar_models.server import BATCH_HEADER, SHARE, ClassifierAPI, ServerConfig
+from cifar_models.server import BATCH_HEADER, ClassifierAPI, ServerConfig
 from cifar_models.registry import create_model
 from steps.data import synthetic
 from steps.errors import StepError
@@ -460,10 +460,6 @@ def test_the_batched_forward_splits_the_images_among_streams_in_order():
     calls.clear()
     assert api.classify(images[7:8])["first_pixel"].tolist() == [7]
     assert calls == [(1, threading.current_thread().name)]  # one image: no hand-over to a stream
-    calls.clear()
-    many = np.repeat(np.arange(3 * SHARE + 1, dtype=np.uint8), 32 * 32 * 3).reshape(-1, 32, 32, 3)
-    assert api.classify(many)["first_pixel"].tolist() == list(range(len(many)))
-    assert len(calls) == 4 and max(n for n, _ in calls) <= SHARE  # more shares than streams, none larger
 
 
 def test_image_build_context_installs_the_model_and_the_batching_server(image_context, batching_server):
