@@ -14,13 +14,13 @@ Each request is parsed and its images decoded and checked on its own (`decode_re
 MLflow's own parser and schema enforcement and the model's `images`), so a bad request gets its
 own one-line 400 and never fails the requests batched with it. LitServe then hands the decoded
 requests that arrived within `batch_timeout_s` of each other (at most `max_batch_size`) to one
-`predict`, which classifies all their images at once: a lone request runs at once on every
-core, and concurrent ones share one forward instead of each paying its own. The forward runs as
-parallel streams, one per core, each classifying its share of the images on one torch thread: a
-stream never waits at a barrier for a thread that the HTTP process (on the same cores) holds up,
-as a multi-threaded forward's operators do, so the HTTP process slows the forward by what it
-takes and no more. One inference worker takes the cores by default; with more, the cores are
-divided among them.
+`predict`, which classifies all their images at once: a lone request of several images runs at
+once on every core, and concurrent ones share one forward instead of each paying its own. The
+forward runs as parallel streams, one per core, each classifying an equal share of the images on
+one torch thread (a single image runs on one): a stream never waits at a barrier for a thread
+that the HTTP process (on the same cores) holds up, as a multi-threaded forward's operators do,
+so the HTTP process slows the forward by what it takes and no more. One inference worker takes
+the cores by default; with more, the cores are divided among them.
 """
 
 import argparse
