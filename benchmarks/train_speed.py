@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> dict:
              "optimizer": args.optimizer, "aug": args.aug, "low_res": args.low_res, "low_res_pct": args.low_res_pct,
              "whiten_bias_epochs": args.whiten_bias_epochs, "bn_bias_lr": args.bn_bias_lr,
              "freeze_bn_scale": {None: None, "true": True, "false": False}[args.freeze_bn_scale],
+             "dirac": {None: None, "true": True, "false": False}[args.dirac],
              "compile": {None: None, "true": True, "false": False}[args.compile],
              "label_smoothing": args.label_smoothing, "ema": args.ema, "pct_start": args.pct_start,
              "weight_decay": args.weight_decay, "time_budget": args.time_budget}
@@ -221,6 +222,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--low-res-pct", type=float, help="override the recipe's")
     p.add_argument("--whiten-bias-epochs", type=int, help="override the recipe's (0 = the bias trains throughout)")
     p.add_argument("--freeze-bn-scale", choices=["true", "false"], help="override the recipe's")
+    p.add_argument("--dirac", choices=["true", "false"], help="override the recipe's (conv filters start as the identity)")
     p.add_argument("--bn-bias-lr", type=float, help="override the recipe's (the BatchNorm biases' LR multiple, sgd)")
     p.add_argument("--label-smoothing", type=float, help="override the recipe's")
     p.add_argument("--ema", type=float, help="override the recipe's (per-step decay, 0 = off)")

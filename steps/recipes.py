@@ -45,6 +45,7 @@ class TrainConfig:
     final_div_factor: float = 1e4  # one_cycle ends at max_lr / final_div_factor
     seed: int = 0  # initial weights, shuffling and augmentation
     whiten: bool = False  # first conv set to the patch whitening of WHITEN_IMAGES training images, frozen
+    dirac: bool = False  # every conv's first in_channels filters start as the identity (steps.dirac)
     ema: float = 0.0  # per-step decay of an EMA of the weights (0 = off); when on, test metrics and weights are the EMA's
     compile: bool = False  # torch.compile the training forward/backward (pays on CUDA; slow warm-up on a CPU)
     low_res: int = 0  # side (pixels) the training images are downscaled to in the first epochs; 0 = never
@@ -84,15 +85,15 @@ RECIPES: dict[str, dict[str, object]] = {
     # at about a third of fast_net's step cost, fits nine epochs when the first five are
     # downscaled to 24x24 (progressive resizing); batch 128 at peak LR 0.3, since in so few
     # epochs more, smaller steps learn more; translate without cutout and airbench94's
-    # alternating flip, and label smoothing 0.05 (both chosen on a held-out split of the
-    # lossless copy); whitening and a warmed-up EMA as in `fast`, but the whitening bias trains
-    # throughout; Muon on the conv filters, which tests higher than SGD for a little more time
-    # per step; no compile, whose warm-up on a CPU takes minutes (benchmarks/README.md, "CPU
-    # recipe"). On a CPU with native bf16 a step is much faster: give more epochs, a time
-    # budget, or fast_net, there.
+    # alternating flip, label smoothing 0.05 and the block convs started as the identity
+    # (dirac, as airbench; all three chosen on a held-out split of the lossless copy); whitening
+    # and a warmed-up EMA as in `fast`, but the whitening bias trains throughout; Muon on the
+    # conv filters, which tests higher than SGD for a little more time per step; no compile,
+    # whose warm-up on a CPU takes minutes (benchmarks/README.md, "CPU recipe"). On a CPU with
+    # native bf16 a step is much faster: give more epochs, a time budget, or fast_net, there.
     "cpu": {"model": "fast_net_small", "epochs": 9, "batch_size": 128, "max_lr": 0.3, "optimizer": "muon",
             "weight_decay": 5e-4, "label_smoothing": 0.05, "aug": "altflip_translate", "schedule": "warmup_linear",
-            "pct_start": 0.25, "whiten": True, "ema": 0.99, "compile": False, "low_res": 24, "low_res_pct": 5 / 9},
+            "pct_start": 0.25, "whiten": True, "dirac": True, "ema": 0.99, "compile": False, "low_res": 24, "low_res_pct": 5 / 9},
 }
 
 

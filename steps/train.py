@@ -378,6 +378,7 @@ def _default(name: str) -> str:
 @click.option("--div-factor", type=OrNotGiven(click.FLOAT), help=_default("div_factor"))
 @click.option("--final-div-factor", type=OrNotGiven(click.FLOAT), help=_default("final_div_factor"))
 @click.option("--whiten", type=OrNotGiven(click.BOOL), help=f"true/false; {_default('whiten')}.")
+@click.option("--dirac", type=OrNotGiven(click.BOOL), help=f"true/false: conv filters start as the identity; {_default('dirac')}.")
 @click.option("--ema", type=OrNotGiven(click.FLOAT), help=f"Per-step EMA decay, 0 = off; {_default('ema')}.")
 @click.option("--compile", type=OrNotGiven(click.BOOL), help=f"true/false; {_default('compile')}.")
 @click.option("--low-res", type=OrNotGiven(WHOLE), help=f"Side in pixels of the first epochs' images, 0 = full size; {_default('low_res')}.")

@@ -16,6 +16,7 @@ from steps import batches, distributed, loop
 from steps.augment import Policy, build_policy, epoch_flips
 from steps.averaging import WeightAverage
 from steps.data import CifarData
+from steps.dirac import dirac_init
 from steps.hardware import Hardware, build_model
 from steps.optim import build_optimizer, freeze_bn_scales
 from steps.recipes import TrainConfig, epoch_size, whiten_bias_trains
@@ -53,6 +54,8 @@ def start_training(cfg: TrainConfig, data: CifarData, hw: Hardware) -> Training:
     """cfg's run before its first step: the model built (and whitened) on hw. Its scheduler is
     the caller's, since the peak LR may come from a range test on this model."""
     model = build_model(cfg.model, cfg.seed, hw)
+    if cfg.dirac:
+        dirac_init(model)
     if cfg.whiten and not whiten_first_conv(model, data.train_x[:WHITEN_IMAGES], data.mean, data.std):
         log.warning("whiten: %s has no whitening conv (a `whiten` Conv2d of 2 x C*h*w filters); left as it is",
                     cfg.model)

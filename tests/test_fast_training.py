@@ -114,6 +114,32 @@ def test_the_whitening_bias_trains_for_the_first_epochs_only_when_whitened():
     assert trains(whiten=False, whiten_bias_epochs=1) == [True] * 4  # an ordinary conv trains as it is
 
 
+def test_dirac_starts_each_block_conv_as_the_identity_and_whitening_still_sets_the_first(tmp_path):
+    from dataclasses import replace
+    from steps import hardware
+    from steps.data import load_data, write_data
+    from steps.recipes import RECIPES, TrainConfig
+    from steps.training import start_training
+
+    write_data(tmp_path / "data", *synthetic(n_train=256, n_test=16), source="synthetic")
+    data = load_data(str(tmp_path / "data"))
+    cpu = hardware.hardware("cpu", "fp32")
+    cfg = TrainConfig(**{**RECIPES["cpu"], "epochs": 1})
+    plain, dirac = (start_training(replace(cfg, dirac=on), data, cpu).model for on in (False, True))
+    convs = [m for m in dirac.blocks.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 6
+    x = torch.randn(2, 128, 8, 8)
+    for conv in convs:
+        out = nn.functional.conv2d(x[:, :conv.in_channels], conv.weight, padding=1)
+        assert torch.allclose(out[:, :conv.in_channels], x[:, :conv.in_channels])  # passed through
+    # The same seed's whitening, head and filters beyond the first in_channels (block 2's first
+    # conv: 32 in, 128 out) as without dirac.
+    assert torch.equal(dirac.whiten.weight, plain.whiten.weight) and torch.equal(dirac.head.weight, plain.head.weight)
+    plain_convs = [m for m in plain.blocks.modules() if isinstance(m, nn.Conv2d)]
+    assert torch.equal(convs[2].weight[32:], plain_convs[2].weight[32:])
+    assert not torch.allclose(plain_convs[1].weight, convs[1].weight)
+
+
 def test_train_tests_after_every_nth_epoch_and_always_after_the_last():
     from steps.errors import StepError
     from steps.recipes import RECIPES, TrainConfig, tests_after, validate
