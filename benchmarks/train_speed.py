@@ -49,6 +49,7 @@ from steps.errors import StepError  # noqa: E402
 from steps.recipes import RECIPES, TrainConfig, resolve_config, validate  # noqa: E402
 from steps.training import EVAL_BATCH, augment_workers, start_training, train_epoch, training_set  # noqa: E402
 
+FLAG = {None: None, "true": True, "false": False}  # a true/false option, or not given
 WARMUP_STEPS = 5  # compile warm-up: enough steps to compile the training step's graphs
 
 
@@ -134,9 +135,7 @@ def run(args: argparse.Namespace) -> dict:
     given = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "max_lr": args.max_lr,
              "optimizer": args.optimizer, "aug": args.aug, "low_res": args.low_res, "low_res_pct": args.low_res_pct,
              "whiten_bias_epochs": args.whiten_bias_epochs, "bn_bias_lr": args.bn_bias_lr,
-             "freeze_bn_scale": {None: None, "true": True, "false": False}[args.freeze_bn_scale],
-             "dirac": {None: None, "true": True, "false": False}[args.dirac],
-             "compile": {None: None, "true": True, "false": False}[args.compile],
+             "freeze_bn_scale": FLAG[args.freeze_bn_scale], "dirac": FLAG[args.dirac], "compile": FLAG[args.compile],
              "label_smoothing": args.label_smoothing, "ema": args.ema, "pct_start": args.pct_start,
              "weight_decay": args.weight_decay, "time_budget": args.time_budget}
     base = resolve_config(args.recipe, given)
